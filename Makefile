@@ -1,0 +1,35 @@
+# `make run` trains the default job; `make test` runs the checks and the tests. Both create .venv first.
+PYTHON ?= python3
+# The CPU wheel goes in first: a plain `torch` requirement would pull a multi-GB CUDA build.
+# On a GPU machine: make TORCH="torch --index-url https://download.pytorch.org/whl/cu128" setup
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/lightning-eff $(ARGS)
+
+check: $(STAMP)
+	$(BIN)/ruff check lightning_eff hydra_plugins tests benchmarks examples
+	$(BIN)/ruff format --check lightning_eff hydra_plugins tests benchmarks examples
+	$(BIN)/mypy lightning_eff
+
+test: check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .mypy_cache .ruff_cache

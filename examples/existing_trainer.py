@@ -1,0 +1,68 @@
+"""Adding lightning_eff to an existing Lightning script: the only lines that change are the Trainer's.
+
+This is a plain Lightning script with its own model and data (scikit-learn's digits). lightning_eff's
+callbacks go into `callbacks=[...]` and its strategy into `strategy=...`; `suite_callbacks()` and
+`suite_strategy()` below are where they are built. Run: `.venv/bin/python examples/existing_trainer.py`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class MyClassifier(L.LightningModule):
+    """The user's own model: nothing in it knows about lightning_eff."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = nn.functional.cross_entropy(self(images), labels)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def digits_loader() -> DataLoader:
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+    return DataLoader(TensorDataset(images, torch.tensor(digits.target)), batch_size=64, shuffle=True)
+
+
+def suite_callbacks() -> list[L.Callback]:
+    """lightning_eff's callbacks for this run (GradualPruning, QuantizationAwareTraining as they land)."""
+    return []
+
+
+def suite_strategy() -> str | L.pytorch.strategies.Strategy:
+    """lightning_eff's strategy (EfficientDDPStrategy with compression/balancing as they land)."""
+    return "auto"
+
+
+def main() -> None:
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=5,
+        accelerator="cpu",
+        callbacks=suite_callbacks(),
+        strategy=suite_strategy(),
+        logger=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(MyClassifier(), train_dataloaders=digits_loader())
+    print(f"final train_loss={float(trainer.callback_metrics['train_loss']):.4f}")
+
+
+if __name__ == "__main__":
+    main()

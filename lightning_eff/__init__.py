@@ -1,0 +1,7 @@
+"""lightning_eff: Lightning callbacks and strategies that cut the compute cost of training large models."""
+
+from lightning_eff.report import ReportContributor, ReportSection
+
+__version__ = "0.1.0"
+
+__all__ = ["ReportContributor", "ReportSection", "__version__"]

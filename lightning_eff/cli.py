@@ -1,0 +1,165 @@
+"""The Hydra app behind `lightning-eff` and `python -m lightning_eff`.
+
+Composes `conf/train.yaml` with the user's overrides, validates every value, builds the data, model,
+callbacks, logger and Trainer, trains, tests, and writes the end-of-run report into the run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+
+from lightning_eff.config import CAPABILITY_GROUPS, ConfigError, ValidatedConfig, validate
+from lightning_eff.hydra_config import config_dir
+from lightning_eff.progress import EpochProgressLog
+from lightning_eff.report import (
+    ReportSection,
+    contributed_sections,
+    format_report,
+    parameter_count,
+    state_dict_bytes,
+    write_report,
+)
+from lightning_eff.throughput import ThroughputMeter
+
+
+def build_logger(kind: str, run_dir: Path) -> Logger | bool:
+    """CSV (`run_dir/metrics.csv`) or TensorBoard (`run_dir/tensorboard/`) logging, or none."""
+    if kind == "csv":
+        return CSVLogger(save_dir=run_dir, name="", version="")
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
+    return False
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: an explicit path, or for `auto` the newest `.ckpt` under run_dir."""
+    if resume is None or resume != "auto":
+        return resume
+    checkpoints = sorted(run_dir.rglob("*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not checkpoints:
+        rank_zero_info(f"resume=auto: no checkpoint in {run_dir} yet, starting fresh")
+        return None
+    rank_zero_info(f"resume=auto: resuming from {checkpoints[-1]}")
+    return str(checkpoints[-1])
+
+
+def instantiate_group(cfg: DictConfig, group: str) -> Any:
+    """Instantiate one group's `_target_`, reporting a constructor's complaint as a config error."""
+    try:
+        return hydra.utils.instantiate(cfg[group], _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, ConfigError):
+            raise cause.under(group) from None
+        message = str(cause).strip().splitlines()[-1]
+        raise ConfigError(f"{group}._target_", cfg[group]._target_, f"could not be built: {message}") from None
+
+
+def build_trainer(cfg: DictConfig, settings: ValidatedConfig, run_dir: Path) -> tuple[L.Trainer, list[L.Callback]]:
+    """The Trainer with the app's callbacks (checkpoints, throughput, progress) and each chosen capability."""
+    trainer_kwargs = settings.trainer.trainer_kwargs()
+    callbacks: list[L.Callback] = [ThroughputMeter()]
+    if settings.trainer.enable_checkpointing:
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
+    if not trainer_kwargs["enable_progress_bar"]:
+        callbacks.append(EpochProgressLog())
+    for group in CAPABILITY_GROUPS:
+        if settings.groups[group] is not None:
+            plugin = instantiate_group(cfg, group)
+            if isinstance(plugin, L.Callback):
+                callbacks.append(plugin)
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        logger=build_logger(settings.run.logger, run_dir),
+        callbacks=callbacks,
+        **trainer_kwargs,
+    )
+    return trainer, callbacks
+
+
+def run_section(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    test_metrics: dict[str, float],
+    meter: ThroughputMeter,
+    wall_seconds: float,
+) -> ReportSection:
+    """The report's core: what was trained, how well, how big, how fast."""
+    val_metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val_")}
+    return ReportSection(
+        name="run",
+        summary={
+            "model": type(model).__name__,
+            **{key: float(value) for key, value in test_metrics.items()},
+            **val_metrics,
+            "parameters": parameter_count(model),
+            "model_size_bytes": state_dict_bytes(model),
+            "train_samples_per_second": meter.samples_per_second,
+            "train_samples": meter.samples,
+            "train_step_seconds": meter.step_seconds,
+            "fit_seconds": meter.fit_seconds,
+            "wall_seconds": wall_seconds,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+        },
+    )
+
+
+def train(cfg: DictConfig, run_dir: Path) -> list[ReportSection] | None:
+    """Validate, train, test and report; returns the report's sections on global rank 0."""
+    started = time.perf_counter()
+    settings = validate(cfg)
+    L.seed_everything(settings.run.seed, workers=True, verbose=False)
+    datamodule = instantiate_group(cfg, "data")
+    model = instantiate_group(cfg, "model")
+    trainer, callbacks = build_trainer(cfg, settings, run_dir)
+    ckpt_path = find_resume_checkpoint(settings.run.resume, run_dir)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    test_metrics: dict[str, float] = {}
+    if settings.run.test_after_fit:
+        results = trainer.test(model, datamodule=datamodule, verbose=False)
+        test_metrics = {key: float(value) for key, value in results[0].items()} if results else {}
+
+    if not trainer.is_global_zero:
+        return None
+    meter = next(callback for callback in callbacks if isinstance(callback, ThroughputMeter))
+    wall_seconds = time.perf_counter() - started
+    sections = [run_section(trainer, model, test_metrics, meter, wall_seconds)]
+    sections += contributed_sections(trainer, run_dir)
+    path = write_report(sections, run_dir)
+    print(format_report(sections))
+    print(f"report: {path}")
+    return sections
+
+
+def run(cfg: DictConfig) -> None:
+    """Hydra's task function: one clear line and exit status 2 for a bad config, no traceback."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        train(cfg, run_dir)
+    except ConfigError as error:
+        print(f"lightning-eff: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Entry point of the `lightning-eff` console script."""
+    hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""pruning: see the README's status table; this capability lands with its issue."""

@@ -1,0 +1,1 @@
+"""quantization: see the README's status table; this capability lands with its issue."""

@@ -1,0 +1,1 @@
+"""strategies: see the README's status table; this capability lands with its issue."""

@@ -1,0 +1,92 @@
+"""Byte-level language modelling on the English prose every CPython install carries (`pydoc_data.topics`)."""
+
+from __future__ import annotations
+
+from pydoc_data.topics import topics
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_eff.tasks.splits import split_sizes
+
+VOCAB_SIZE = 256
+
+
+def corpus_bytes() -> torch.Tensor:
+    """Python's help topics joined in a fixed order, as a uint8 tensor (about 0.47 MB)."""
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+class ByteWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Non-overlapping windows of `seq_len` bytes and the same window shifted by one as the target."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int) -> None:
+        if len(data) < seq_len + 1:
+            raise ValueError(f"{len(data)} bytes are too few for one window of seq_len={seq_len}")
+        self.data = data
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return (len(self.data) - 1) // self.seq_len
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = index * self.seq_len
+        window = self.data[start : start + self.seq_len + 1].long()
+        return window[:-1], window[1:]
+
+
+class TextDataModule(L.LightningDataModule):
+    """The corpus split into contiguous train/val/test stretches, so no window leaks across splits.
+
+    Args:
+        seq_len: bytes per training sample (the model's context length must be at least this).
+        batch_size: windows per batch on each process.
+        max_bytes: use only the first `max_bytes` of the corpus (quick runs and tests); None for all.
+    """
+
+    def __init__(
+        self,
+        seq_len: int = 128,
+        batch_size: int = 32,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        max_bytes: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.max_bytes = max_bytes
+        self.num_workers = num_workers
+        self.train_set: ByteWindows | None = None
+        self.val_set: ByteWindows | None = None
+        self.test_set: ByteWindows | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        data = corpus_bytes()
+        if self.max_bytes is not None:
+            data = data[: self.max_bytes]
+        n_train, n_val, _ = split_sizes(len(data), self.val_fraction, self.test_fraction)
+        self.train_set = ByteWindows(data[:n_train], self.seq_len)
+        self.val_set = ByteWindows(data[n_train : n_train + n_val], self.seq_len)
+        self.test_set = ByteWindows(data[n_train + n_val :], self.seq_len)
+
+    def _loader(self, dataset: ByteWindows | None, shuffle: bool) -> DataLoader:
+        assert dataset is not None, "call setup() first"
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
