@@ -67,8 +67,14 @@ def instantiate_group(cfg: DictConfig, group: str) -> Any:
         raise ConfigError(f"{group}._target_", cfg[group]._target_, f"could not be built: {message}") from None
 
 
-def build_trainer(cfg: DictConfig, settings: ValidatedConfig, run_dir: Path) -> tuple[L.Trainer, list[L.Callback]]:
-    """The Trainer with the app's callbacks (checkpoints, throughput, progress) and each chosen capability."""
+def build_trainer(
+    cfg: DictConfig, settings: ValidatedConfig, run_dir: Path, model: L.LightningModule
+) -> tuple[L.Trainer, list[L.Callback]]:
+    """The Trainer with the app's callbacks (checkpoints, throughput, progress) and each chosen capability.
+
+    A capability that can check itself against the model (`check_model`, e.g. pruning's include patterns)
+    does so here, so a mismatch is reported before training starts.
+    """
     trainer_kwargs = settings.trainer.trainer_kwargs()
     callbacks: list[L.Callback] = [ThroughputMeter()]
     if settings.trainer.enable_checkpointing:
@@ -78,6 +84,11 @@ def build_trainer(cfg: DictConfig, settings: ValidatedConfig, run_dir: Path) -> 
     for group in CAPABILITY_GROUPS:
         if settings.groups[group] is not None:
             plugin = instantiate_group(cfg, group)
+            if hasattr(plugin, "check_model"):
+                try:
+                    plugin.check_model(model)
+                except ConfigError as error:
+                    raise error.under(group) from None
             if isinstance(plugin, L.Callback):
                 callbacks.append(plugin)
     trainer = L.Trainer(
@@ -125,7 +136,7 @@ def train(cfg: DictConfig, run_dir: Path) -> list[ReportSection] | None:
     L.seed_everything(settings.run.seed, workers=True, verbose=False)
     datamodule = instantiate_group(cfg, "data")
     model = instantiate_group(cfg, "model")
-    trainer, callbacks = build_trainer(cfg, settings, run_dir)
+    trainer, callbacks = build_trainer(cfg, settings, run_dir, model)
     ckpt_path = find_resume_checkpoint(settings.run.resume, run_dir)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -8,61 +8,24 @@ value and what is allowed, e.g. ``model.n_head=3: must divide model.d_model=128`
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from lightning_eff.validation import ConfigError, check, check_choice, check_fraction, check_int
 
 CAPABILITY_GROUPS = ("pruning", "quantization", "compression", "balancing")
 LOGGERS = ("csv", "tensorboard", "none")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
-
-
-class ConfigError(ValueError):
-    """A config value that is not allowed; the message is the one line a user sees."""
-
-    def __init__(self, key: str, value: Any, rule: str) -> None:
-        self.key, self.value, self.rule = key, value, rule
-        super().__init__(f"{key}={_show(value)}: {rule}")
-
-    def under(self, prefix: str) -> ConfigError:
-        """The same error with its key placed under `prefix` (a group name)."""
-        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.rule)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return value if value and " " not in value else repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
-
-
-def check(ok: bool, key: str, value: Any, rule: str) -> None:
-    """Raise `ConfigError(key, value, rule)` unless `ok`."""
-    if not ok:
-        raise ConfigError(key, value, rule)
-
-
-def check_int(key: str, value: Any, minimum: int) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
-    check(value >= minimum, key, value, f"must be >= {minimum}")
-
-
-def check_fraction(key: str, value: float, low_open: bool = True, high_open: bool = True) -> None:
-    low_ok = value > 0 if low_open else value >= 0
-    high_ok = value < 1 if high_open else value <= 1
-    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-    check(low_ok and high_ok, key, value, f"must be in {interval}")
-
-
-def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    check(value in choices, key, value, f"must be one of {', '.join(choices)}")
 
 
 # --- run-level settings --------------------------------------------------------------------------------
@@ -182,7 +145,7 @@ def _check_rates(lr: float, weight_decay: float) -> None:
 class DigitsMLPConfig:
     _target_: str = "lightning_eff.tasks.DigitsMLP"
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
-    dropout: float = 0.1
+    dropout: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 1e-4
 
@@ -318,6 +281,8 @@ def _typed(schema: type, node: Any, prefix: str) -> Any:
         return OmegaConf.to_object(merged)
     except ConfigError as error:
         raise error.under(prefix) from None
+    except MissingMandatoryValue as error:
+        raise ConfigError(str(error.full_key), "???", "is required").under(prefix) from None
     except OmegaConfBaseException as error:
         key = str(error.full_key or error.key or "?")
         value = OmegaConf.select(OmegaConf.create(node), key) if isinstance(node, (dict, DictConfig)) else None
@@ -326,7 +291,48 @@ def _typed(schema: type, node: Any, prefix: str) -> Any:
             names = ", ".join(name for name in types if not name.startswith("_"))
             rule = f"unknown key; {prefix or 'the top level'} takes {names}"
             raise ConfigError(key, value, rule).under(prefix) from None
-        raise ConfigError(key, value, f"must be of type {types[key]}").under(prefix) from None
+        wanted = types[key]
+        raise ConfigError(key, value, f"must be of type {getattr(wanted, '__name__', wanted)}").under(prefix) from None
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """`annotation` where OmegaConf can check it (primitives, optionals and lists of them), else Any."""
+    primitives = (int, float, bool, str)
+    if annotation in primitives:
+        return annotation
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = _omegaconf_type(next(arg for arg in args if arg is not type(None)))
+        return Any if inner is Any else inner | None
+    if origin is list and len(args) == 1 and args[0] in primitives:
+        return annotation
+    return Any
+
+
+def _constant(value: Any) -> Any:
+    return lambda: value
+
+
+def signature_schema(cls: Any) -> type:
+    """A dataclass with the arguments of `cls.__init__`, so OmegaConf checks key names and types.
+
+    The class's own constructor checks the ranges (Python users get the same errors that way), so the
+    callbacks and strategies need no hand-written copy of their argument list here.
+    """
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[Any] = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        annotation = _omegaconf_type(hints.get(name, Any))
+        if parameter.default is inspect.Parameter.empty:
+            fields.append((name, annotation))
+        elif isinstance(parameter.default, (list, dict, tuple)):
+            fields.append((name, annotation, field(default_factory=_constant(parameter.default))))
+        else:
+            fields.append((name, annotation, field(default=parameter.default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Arguments", fields)
 
 
 def validate_target_node(group: str, node: DictConfig) -> Any:
@@ -337,9 +343,11 @@ def validate_target_node(group: str, node: DictConfig) -> Any:
     if schema is not None:
         return _typed(schema, node, group)
     try:
-        get_class(target)
+        cls = get_class(target)
     except Exception as error:  # hydra raises several types for a missing module or attribute
         raise ConfigError(f"{group}._target_", target, f"cannot be imported ({error.__class__.__name__})") from None
+    if group in CAPABILITY_GROUPS:
+        _typed(signature_schema(cls), node, group)
     return node
 
 

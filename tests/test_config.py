@@ -35,7 +35,7 @@ def test_member_composes_validates_and_instantiates(group: str, member: str, tmp
     assert isinstance(datamodule, L.LightningDataModule)
     if settings.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         pytest.skip(f"trainer={member} needs a CUDA device")
-    trainer, _ = build_trainer(cfg, settings, tmp_path)
+    trainer, _ = build_trainer(cfg, settings, tmp_path, model)
     assert isinstance(trainer, L.Trainer)
     assert trainer.max_epochs == cfg.trainer.max_epochs or cfg.trainer.max_epochs is None
 

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eff.tasks.splits import shuffled_indices, split_sizes
+from lightning_eff.tasks.splits import EpochSeededShuffle, shuffled_indices, split_sizes
 
 NUM_CLASSES = 10
 
@@ -42,6 +42,8 @@ class DigitsDataModule(L.LightningDataModule):
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.num_workers = num_workers
+        # The training shuffle follows the run's seed (`seed_everything`), epoch by epoch.
+        self.shuffle_seed = torch.initial_seed() % 2**31
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
@@ -59,7 +61,8 @@ class DigitsDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        sampler = EpochSeededShuffle(len(dataset), seed=self.shuffle_seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -130,7 +133,7 @@ class DigitsMLP(DigitsClassifier):
     def __init__(
         self,
         hidden_sizes: Sequence[int] = (256, 256),
-        dropout: float = 0.1,
+        dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
     ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,18 +34,18 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
 
 
-class MLP(nn.Module):
-    """Linear-GELU-Linear: the block that channel pruning can physically shrink."""
+class MLP(nn.Sequential):
+    """Linear-GELU-Linear as a Sequential, so channel pruning finds the chain it can physically shrink."""
 
     def __init__(self, d_model: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_model, hidden)
-        self.act = nn.GELU()
-        self.proj = nn.Linear(hidden, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        super().__init__(
+            OrderedDict(
+                fc=nn.Linear(d_model, hidden),
+                act=nn.GELU(),
+                proj=nn.Linear(hidden, d_model),
+                dropout=nn.Dropout(dropout),
+            )
+        )
 
 
 class Block(nn.Module):

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_eff.tasks.splits import split_sizes
+from lightning_eff.tasks.splits import EpochSeededShuffle, split_sizes
 
 VOCAB_SIZE = 256
 
@@ -63,6 +63,8 @@ class TextDataModule(L.LightningDataModule):
         self.test_fraction = test_fraction
         self.max_bytes = max_bytes
         self.num_workers = num_workers
+        # The training shuffle follows the run's seed (`seed_everything`), epoch by epoch.
+        self.shuffle_seed = torch.initial_seed() % 2**31
         self.train_set: ByteWindows | None = None
         self.val_set: ByteWindows | None = None
         self.test_set: ByteWindows | None = None
@@ -80,7 +82,8 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ByteWindows | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        sampler = EpochSeededShuffle(len(dataset), seed=self.shuffle_seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -1,0 +1,264 @@
+"""GradualPruning: sparsity that grows on a schedule during training, with masks that survive resume and DDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, Masks, apply_masks, compute_masks, parse_pattern
+from lightning_eff.pruning.plot import plot_pruning
+from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
+from lightning_eff.pruning.targets import PruningTarget, select_targets
+from lightning_eff.report import ReportSection
+from lightning_eff.validation import ConfigError, check, check_choice, check_int
+
+
+class GradualPruning(L.Callback):
+    r"""Prunes the model's Linear and Conv weights gradually, by optimizer step, to `target_sparsity`.
+
+    Masks are recomputed whenever the schedule's sparsity changes (every `update_every` steps between
+    `start_step` and `end_step`) and applied in place after every optimizer step. There are no forward
+    hooks and no `weight_orig`, so training costs no extra forward work and a pruned checkpoint loads
+    strictly into the plain model. Masks are broadcast from rank 0 under DDP and saved in the checkpoint,
+    so a resumed run continues the schedule from its step with the same masks.
+
+    Args:
+        target_sparsity: share of the targeted weights that are zero at `end_step`, in [0, 1).
+        initial_sparsity: sparsity at `start_step`.
+        start_step: optimizer step at which pruning starts.
+        end_step: step at which `target_sparsity` is reached; None for 75% of the run's optimizer steps.
+        update_every: steps between mask updates.
+        schedule: ``cubic`` (Zhu & Gupta), ``linear``, ``exponential`` or ``one_shot``.
+        granularity: ``unstructured``, ``channels`` (whole output rows/filters, which `export.shrink` can
+            remove) or ``n:m`` (with `pattern`, e.g. ``"2:4"``: at least N zeros in every M input weights).
+        pattern: the N:M pattern for ``n:m``; `target_sparsity` must then be at least N/M.
+        scope: ``global`` (one threshold over all targeted weights) or ``layer`` (each tensor reaches the
+            schedule's sparsity).
+        include: module-name globs of layers to prune (default: all Linear/Conv, see `select_targets`).
+        exclude: module-name globs of layers to leave dense, e.g. ``["head"]``.
+        make_permanent: at the end of fit, stop masking (the zeros stay in the weights, so the model is a
+            plain model); with False, the masks stay attached and keep applying in later fits.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[GradualPruning(target_sparsity=0.9, update_every=50)])
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.9,
+        initial_sparsity: float = 0.0,
+        start_step: int = 0,
+        end_step: int | None = None,
+        update_every: int = 100,
+        schedule: str = "cubic",
+        granularity: str = "unstructured",
+        pattern: str | None = None,
+        scope: str = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        make_permanent: bool = True,
+    ) -> None:
+        check(0 <= target_sparsity < 1, "target_sparsity", target_sparsity, "must be in [0, 1)")
+        check(0 <= initial_sparsity <= target_sparsity, "initial_sparsity", initial_sparsity,
+              f"must be in [0, target_sparsity={target_sparsity}]")  # fmt: skip
+        check_int("start_step", start_step, 0)
+        if end_step is not None:
+            check_int("end_step", end_step, 1)
+            check(end_step > start_step, "end_step", end_step, f"must be > start_step={start_step}")
+        check_int("update_every", update_every, 1)
+        check_choice("schedule", schedule, SCHEDULES)
+        check_choice("granularity", granularity, GRANULARITIES)
+        check_choice("scope", scope, SCOPES)
+        self.pattern: tuple[int, int] | None = None
+        if granularity == "n:m":
+            check(pattern is not None, "pattern", pattern, "is required for granularity=n:m, e.g. 2:4")
+            try:
+                self.pattern = parse_pattern(str(pattern))
+            except ValueError as error:
+                raise ConfigError("pattern", pattern, str(error).split(": ", 1)[1]) from None
+            n, m = self.pattern
+            check(target_sparsity >= n / m, "target_sparsity", target_sparsity,
+                  f"must be >= {n / m:g} (N/M) for pattern {pattern}")  # fmt: skip
+        else:
+            check(pattern is None, "pattern", pattern, "is only used with granularity=n:m")
+        self.target_sparsity = target_sparsity
+        self.initial_sparsity = initial_sparsity
+        self.start_step = start_step
+        self.end_step = end_step
+        self.update_every = update_every
+        self.schedule_kind = schedule
+        self.granularity = granularity
+        self.scope = scope
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.make_permanent = make_permanent
+
+        self.targets: list[PruningTarget] = []
+        self.masks: Masks = {}
+        self.history: list[dict[str, float]] = []
+        self._schedule: SparsitySchedule | None = None
+        self._mask_sparsity = 0.0
+        self._last_step = -1
+        self._parameters: dict[str, torch.Tensor] = {}
+        self._active = True
+
+    # --- what a user reads ---------------------------------------------------------------------------
+
+    @property
+    def layer_sparsity(self) -> dict[str, float]:
+        """Achieved sparsity of each targeted weight, by parameter name (measured zeros, not masks)."""
+        return {t.weight: float((self._parameters[t.weight] == 0).float().mean()) for t in self._live_targets()}
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over all targeted weights now (exact zeros counted in the weights)."""
+        weights = [self._parameters[t.weight] for t in self._live_targets()]
+        total = sum(w.numel() for w in weights)
+        return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+
+    @property
+    def schedule(self) -> SparsitySchedule:
+        if self._schedule is None:
+            raise RuntimeError("the schedule is known once training starts (end_step may depend on the run's length)")
+        return self._schedule
+
+    def _live_targets(self) -> list[PruningTarget]:
+        return [t for t in self.targets if t.weight in self._parameters]
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+
+    def check_model(self, model: torch.nn.Module) -> list[PruningTarget]:
+        """Resolve include/exclude against `model`; a pattern that matches nothing raises `ConfigError`."""
+        group_size = self.pattern[1] if self.pattern else None
+        return select_targets(model, self.granularity, self.include, self.exclude, group_size)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before DDP wraps the model and optimizers are built: only names are resolved here, nothing is swapped.
+        if stage == "fit" or not self.targets:
+            self.targets = self.check_model(pl_module)
+        self._parameters = self._target_parameters(pl_module)
+
+    def _target_parameters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        parameters = dict(pl_module.named_parameters())
+        names = [name for t in self.targets for name in (t.weight, *t.coupled)]
+        return {name: parameters[name] for name in names}
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_fit_start: Lightning restores global_step from a checkpoint only after on_fit_start.
+        self._parameters = self._target_parameters(pl_module)
+        end_step = self.end_step
+        if end_step is None:
+            total = trainer.estimated_stepping_batches
+            if not 0 < total < float("inf"):
+                raise ConfigError("end_step", None, "must be set when the run has no max_steps or max_epochs")
+            end_step = max(self.start_step + 1, int(0.75 * total))
+            rank_zero_info(f"GradualPruning: end_step=None -> {end_step} (75% of {int(total)} optimizer steps)")
+        self._schedule = SparsitySchedule(
+            target_sparsity=self.target_sparsity,
+            initial_sparsity=self.initial_sparsity,
+            start_step=self.start_step,
+            end_step=end_step,
+            update_every=self.update_every,
+            kind=self.schedule_kind,
+        )
+        self._last_step = trainer.global_step
+        device = next(iter(self._parameters.values())).device
+        self.masks = {name: mask.to(device) for name, mask in self.masks.items()}
+        apply_masks(self._parameters, self.masks)  # a resumed run continues with the checkpoint's masks
+        self._update(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_step or not self._active:
+            return  # accumulating gradients: no optimizer step happened
+        self._last_step = trainer.global_step
+        self._update(trainer)
+        apply_masks(self._parameters, self.masks)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        apply_masks(self._parameters, self.masks)
+        if self.make_permanent:
+            self._active = False
+            self.masks = {}
+
+    def _update(self, trainer: L.Trainer) -> None:
+        """Recompute the masks when the schedule's sparsity has changed since they were computed."""
+        target = self.schedule.sparsity_at(trainer.global_step)
+        if target == self._mask_sparsity:
+            return
+        weights = {t.weight: self._parameters[t.weight] for t in self.targets}
+        masks = compute_masks(weights, target, self.granularity, self.scope, self.pattern)
+        for t in self.targets:  # a pruned channel takes its bias (and following BatchNorm) entries with it
+            masks.update({name: masks[t.weight].reshape(-1) for name in t.coupled})
+        # Identical weights give identical masks on every rank; broadcasting rank 0's makes it a guarantee.
+        masks = trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
+        device = next(iter(self._parameters.values())).device
+        self.masks = {name: mask.to(device) for name, mask in masks.items()}
+        self._mask_sparsity = target
+        apply_masks(self._parameters, self.masks)
+        achieved = self.sparsity
+        self.history.append({"step": trainer.global_step, "target": target, "achieved": achieved})
+        metrics = {"pruning/target_sparsity": target, "pruning/sparsity": achieved}
+        metrics.update({f"pruning/layer/{name}": value for name, value in self.layer_sparsity.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # --- checkpointing -------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "mask_sparsity": self._mask_sparsity,
+            "history": list(self.history),
+            "targets": [t.weight for t in self.targets],
+            "active": self._active,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = dict(state_dict["masks"])
+        self._mask_sparsity = float(state_dict["mask_sparsity"])
+        self.history = list(state_dict["history"])
+        self._active = bool(state_dict.get("active", True))
+        saved = set(state_dict["targets"])
+        if self.targets and saved != {t.weight for t in self.targets}:
+            raise ValueError(f"the checkpoint's pruning targets {sorted(saved)} differ from this run's")
+
+    # --- report --------------------------------------------------------------------------------------
+
+    def report_section(self, trainer: L.Trainer, run_dir: Path) -> ReportSection:
+        """Per-layer sparsity table and a plot of target vs achieved sparsity over steps."""
+        layers = self.layer_sparsity
+        figure = plot_pruning(self.history, layers, run_dir / "pruning.png")
+        nonzero = sum(int((self._parameters[name] != 0).sum()) for name in layers)
+        return ReportSection(
+            name="pruning",
+            summary={
+                "granularity": self.granularity + (f" {self.pattern[0]}:{self.pattern[1]}" if self.pattern else ""),
+                "scope": self.scope,
+                "schedule": self.schedule_kind,
+                "target_sparsity": self.target_sparsity,
+                "achieved_sparsity": self.sparsity,
+                "targeted_weights": sum(self._parameters[name].numel() for name in layers),
+                "nonzero_targeted_weights": nonzero,
+                "mask_updates": len(self.history),
+            },
+            rows=[
+                {"layer": name, "shape": "x".join(map(str, self._parameters[name].shape)), "sparsity": value}
+                for name, value in layers.items()
+            ],
+            figures=[figure.name],
+        )

@@ -1,0 +1,158 @@
+"""Masks from scores, and applying them: the functional core of GradualPruning.
+
+A mask here marks what is *pruned* (True = zero), has the parameter's shape or broadcasts to it (a
+channel mask is [out, 1, ...]), and is applied in place with `masked_fill_`: no forward hooks and no
+`weight_orig`, so a pruned model's state_dict loads strictly into the plain model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from lightning_eff.pruning.scoring import channel_norms, magnitude, nm_group_cost
+
+GRANULARITIES = ("unstructured", "channels", "n:m")
+SCOPES = ("global", "layer")
+Masks = dict[str, torch.Tensor]
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """`"2:4"` -> (2, 4): at least N zeros in every M consecutive weights along the input dimension."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if match is None:
+        raise ValueError(f"pattern={pattern!r}: must look like N:M, e.g. 2:4")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"pattern={pattern!r}: need 0 < N < M")
+    return n, m
+
+
+def _split(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut a flat tensor back into pieces shaped like the tensors of `like`, in order."""
+    pieces, offset = {}, 0
+    for name, tensor in like.items():
+        pieces[name] = flat[offset : offset + tensor.numel()].reshape(tensor.shape)
+        offset += tensor.numel()
+    return pieces
+
+
+def _lowest(scores: Mapping[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Boolean masks of the `count` lowest scores over all tensors together (an exact count)."""
+    flat = torch.cat([score.reshape(-1).float() for score in scores.values()])
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    if count > 0:
+        chosen[flat.topk(min(count, flat.numel()), largest=False, sorted=False).indices] = True
+    return _split(chosen, scores)
+
+
+def _by_scope(scores: Mapping[str, torch.Tensor], fraction: float, scope: str) -> dict[str, torch.Tensor]:
+    """The lowest `fraction` of the scores: over all tensors at once (global) or of each tensor (layer)."""
+    if scope == "global":
+        total = sum(score.numel() for score in scores.values())
+        return _lowest(scores, round(fraction * total))
+    return {name: _lowest({name: score}, round(fraction * score.numel()))[name] for name, score in scores.items()}
+
+
+def unstructured_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str) -> Masks:
+    """Zero the smallest-magnitude weights, one threshold for all tensors (global) or per tensor (layer)."""
+    return _by_scope({name: magnitude(weight) for name, weight in weights.items()}, sparsity, scope)
+
+
+def channel_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str) -> Masks:
+    """Zero whole output rows/filters with the lowest RMS; masks have shape [out, 1, ...].
+
+    Every layer keeps its strongest channel, so the network stays connected.
+
+    Global scope ranks rows of all layers together and stops at the row that brings the pruned share of
+    weights closest to `sparsity` (rows of different layers hold different numbers of weights).
+    """
+    rows = {name: channel_norms(weight) for name, weight in weights.items()}
+    for score in rows.values():
+        score[score.argmax()] = float("inf")
+    if scope == "layer":
+        chosen = {
+            name: _lowest({name: score}, min(round(sparsity * score.numel()), score.numel() - 1))[name]
+            for name, score in rows.items()
+        }
+    else:
+        sizes = torch.cat([torch.full((w.shape[0],), w[0].numel(), dtype=torch.float64) for w in weights.values()])
+        scores = torch.cat(list(rows.values()))
+        order = scores.argsort(stable=True)
+        pruned_after = torch.cat([torch.zeros(1, dtype=torch.float64), sizes[order].cumsum(0)])
+        prunable = int(torch.isfinite(scores).sum())
+        count = int((pruned_after[: prunable + 1] - sparsity * float(sizes.sum())).abs().argmin())
+        flat = torch.zeros(len(order), dtype=torch.bool)
+        flat[order[:count]] = True
+        chosen = _split(flat, rows)
+    return {name: chosen[name].reshape(-1, *([1] * (weights[name].dim() - 1))) for name in weights}
+
+
+def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, n: int, m: int, scope: str) -> Masks:
+    """N:M masks reached gradually.
+
+    Up to sparsity N/M, the groups of M that cost least to make N:M become N:M (their N smallest weights
+    zeroed), the rest stay dense. Beyond N/M every group is N:M and further weights are pruned by magnitude.
+    """
+    base = n / m
+    costs = {name: nm_group_cost(weight, n, m) for name, weight in weights.items()}
+    groups_chosen = _by_scope(costs, min(sparsity / base, 1.0), scope)
+    masks: Masks = {}
+    for name, weight in weights.items():
+        grouped = weight.detach().abs().reshape(weight.shape[0], -1, m)
+        smallest = grouped.topk(n, dim=2, largest=False).indices
+        in_group = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, smallest, True)
+        masks[name] = (in_group & groups_chosen[name].unsqueeze(2)).reshape(weight.shape)
+    if sparsity > base:
+        # Already-pruned weights rank last, so the extra share lands on surviving weights only.
+        survivors = {name: magnitude(weights[name]).masked_fill(masks[name], float("inf")) for name in weights}
+        share = (sparsity - base) / (1 - base)
+        if scope == "global":
+            kept = sum(int((~mask).sum()) for mask in masks.values())
+            extra = _lowest(survivors, round(share * kept))
+        else:
+            extra = {
+                name: _lowest({name: score}, round(share * int((~masks[name]).sum())))[name]
+                for name, score in survivors.items()
+            }
+        masks = {name: masks[name] | extra[name] for name in masks}
+    return masks
+
+
+def compute_masks(
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float,
+    granularity: str,
+    scope: str,
+    pattern: tuple[int, int] | None = None,
+) -> Masks:
+    """Masks that bring `weights` to `sparsity` at the given granularity (see module docstring)."""
+    if granularity == "unstructured":
+        return unstructured_masks(weights, sparsity, scope)
+    if granularity == "channels":
+        return channel_masks(weights, sparsity, scope)
+    if granularity == "n:m":
+        if pattern is None:
+            raise ValueError("granularity='n:m' needs a pattern such as '2:4'")
+        return nm_masks(weights, sparsity, *pattern, scope)
+    raise ValueError(f"granularity={granularity!r}: must be one of {', '.join(GRANULARITIES)}")
+
+
+@torch.no_grad()
+def apply_masks(parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero every pruned entry in place (one `masked_fill_` per tensor, no allocation)."""
+    for name, mask in masks.items():
+        parameter = parameters[name]
+        if mask.device != parameter.device:
+            raise RuntimeError(f"mask for {name} is on {mask.device}, the parameter on {parameter.device}")
+        parameter.masked_fill_(mask, 0.0)
+
+
+def zero_fraction(tensors: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> float:
+    """The share of exactly-zero entries over all `tensors`: the sparsity a user would measure."""
+    values = list(tensors.values()) if isinstance(tensors, Mapping) else tensors
+    total = sum(t.numel() for t in values)
+    zeros = sum(int((t == 0).sum()) for t in values)
+    return zeros / total if total else 0.0

@@ -1,0 +1,51 @@
+"""Config errors a user can act on: one line naming the key, the value and what is allowed.
+
+Shared by the Hydra schemas (`config.py`) and the callbacks and strategies, which validate their own
+arguments so that Python users get the same messages as command-line users.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is the one line a user sees."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        self.key, self.value, self.rule = key, value, rule
+        super().__init__(f"{key}={_show(value)}: {rule}")
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key placed under `prefix` (a group name)."""
+        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.rule)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value and " " not in value else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def check(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise `ConfigError(key, value, rule)` unless `ok`."""
+    if not ok:
+        raise ConfigError(key, value, rule)
+
+
+def check_int(key: str, value: Any, minimum: int) -> None:
+    check(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+    check(value >= minimum, key, value, f"must be >= {minimum}")
+
+
+def check_fraction(key: str, value: float, low_open: bool = True, high_open: bool = True) -> None:
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+    check(low_ok and high_ok, key, value, f"must be in {interval}")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    check(value in choices, key, value, f"must be one of {', '.join(choices)}")

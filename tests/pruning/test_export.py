@@ -1,0 +1,204 @@
+"""`shrink` cuts zeroed channels out of the reference models without changing what they compute."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import pairwise
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_eff.pruning.export import LayerSize, shrink, shrink_summary, shrinkable_producers
+from lightning_eff.tasks.digits import DigitsCNN, DigitsMLP
+from lightning_eff.tasks.gpt import TinyGPT
+
+
+def count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def linear_params(widths: list[int]) -> int:
+    """Parameters of a Linear stack with these widths (input first)."""
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in pairwise(widths))
+
+
+@torch.no_grad()
+def zero_channels(producer: nn.Module, channels: list[int], norm: nn.Module | None = None) -> None:
+    """What channel pruning leaves behind: the output rows, their bias and the BatchNorm's gamma and beta at 0."""
+    producer.weight[channels] = 0
+    producer.bias[channels] = 0
+    if norm is not None:
+        norm.weight[channels] = 0
+        norm.bias[channels] = 0
+
+
+def assert_same_outputs(original: nn.Module, shrunk: nn.Module, inputs: torch.Tensor) -> None:
+    original.eval()
+    shrunk.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(inputs), original(inputs), atol=1e-5, rtol=0)
+
+
+def images() -> torch.Tensor:
+    return torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def mlp() -> nn.Module:
+    return DigitsMLP(hidden_sizes=[64, 64])
+
+
+def cnn() -> nn.Module:
+    model = DigitsCNN(channels=[8, 16])
+    # Train-mode passes move the running statistics away from (0, 1), so eval-mode BatchNorm is not trivial.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 1, 8, 8) + 0.5)
+    return model.eval()
+
+
+def gpt() -> nn.Module:
+    return TinyGPT(n_layer=2, n_head=2, d_model=32, seq_len=16)
+
+
+MODELS: list[tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], list[str]]] = [
+    (mlp, images, ["net.1", "net.4"]),
+    (cnn, images, ["net.0", "net.3"]),
+    (gpt, tokens, ["blocks.0.mlp.fc", "blocks.1.mlp.fc"]),
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize(("build", "_inputs", "producers"), MODELS, ids=["mlp", "cnn", "gpt"])
+def test_producers_are_the_layers_feeding_one_consumer(build, _inputs, producers) -> None:
+    assert shrinkable_producers(build()) == producers
+
+
+@pytest.mark.parametrize(("build", "inputs", "_producers"), MODELS, ids=["mlp", "cnn", "gpt"])
+def test_unpruned_model_keeps_every_parameter(build, inputs, _producers) -> None:
+    model = build()
+    shrunk = shrink(model)
+    assert count(shrunk) == count(model)
+    assert_same_outputs(model, shrunk, inputs())
+
+
+def test_mlp_loses_pruned_rows_and_the_next_layers_columns() -> None:
+    model = mlp()
+    zero_channels(model.net[1], [3, 10, 11])
+    zero_channels(model.net[4], [0, 20, 21, 63])
+    before = count(model)
+
+    shrunk = shrink(model)
+
+    assert_same_outputs(model, shrunk, images())
+    assert count(shrunk) == linear_params([64, 61, 60, 10])
+    assert count(model) == before, "shrink must leave its input alone"
+    assert shrunk.state_dict().keys() == model.state_dict().keys()
+    assert (shrunk.net[1].out_features, shrunk.net[4].in_features, shrunk.net[4].out_features) == (61, 61, 60)
+    assert shrunk.net[4].weight.shape == (60, 61)
+    assert shrink_summary(model, shrunk) == {
+        "net.1": LayerSize(65 * 64, 65 * 61),
+        "net.4": LayerSize(65 * 64, 62 * 60),
+        "net.7": LayerSize(65 * 10, 61 * 10),
+    }
+
+
+def test_cnn_loses_filters_batchnorm_entries_and_input_channels() -> None:
+    model = cnn()
+    zero_channels(model.net[0], [1, 5], norm=model.net[1])
+    zero_channels(model.net[3], [0, 7, 8, 15], norm=model.net[4])
+
+    shrunk = shrink(model)
+
+    assert_same_outputs(model, shrunk, images())
+
+    def conv_bn(fan_in: int, fan_out: int) -> int:
+        return (fan_in * 9 + 1) * fan_out + 2 * fan_out
+
+    assert count(shrunk) == conv_bn(1, 6) + conv_bn(6, 12) + (12 + 1) * 10
+    assert shrunk.state_dict().keys() == model.state_dict().keys()
+    assert shrunk.net[1].running_mean.shape == (6,)
+    assert shrunk.net[4].num_features == 12
+    assert (shrunk.net[3].in_channels, shrunk.net[3].out_channels, shrunk.net[8].in_features) == (6, 12, 12)
+
+
+def test_gpt_mlps_lose_hidden_units_and_the_rest_stays() -> None:
+    model = gpt()
+    zero_channels(model.blocks[0].mlp.fc, [0, 1, 2, 64])
+    zero_channels(model.blocks[1].mlp.fc, list(range(100)))
+
+    shrunk = shrink(model)
+
+    assert_same_outputs(model, shrunk, tokens())
+    # Each hidden unit is a row of fc (32 weights + bias) and a column of proj (32 weights).
+    assert count(model) - count(shrunk) == (4 + 100) * (32 + 1 + 32)
+    assert shrunk.state_dict().keys() == model.state_dict().keys()
+    assert shrunk.blocks[1].mlp.proj.weight.shape == (32, 28)
+    assert shrunk.blocks[0].attn.qkv.weight.shape == model.blocks[0].attn.qkv.weight.shape
+
+
+def test_zero_weights_alone_do_not_make_a_channel_prunable() -> None:
+    model = cnn()
+    # A zero filter still outputs its bias, and a zero conv output still leaves BatchNorm as beta - gamma*mean/std.
+    zero_channels(model.net[0], [2])
+    with torch.no_grad():
+        model.net[3].weight[4] = 0
+
+    shrunk = shrink(model)
+
+    assert count(shrunk) == count(model)
+    assert_same_outputs(model, shrunk, images())
+
+
+def test_fully_pruned_layer_keeps_one_zero_channel() -> None:
+    model = mlp()
+    zero_channels(model.net[1], list(range(64)))
+
+    shrunk = shrink(model)
+
+    assert (shrunk.net[1].out_features, shrunk.net[4].in_features) == (1, 1)
+    assert_same_outputs(model, shrunk, images())
+
+
+def test_flatten_without_pooling_removes_each_channels_block_of_features() -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
+    ).double()
+    zero_channels(model[0][0], [1, 2])
+
+    shrunk = shrink(model)
+
+    assert shrinkable_producers(model) == ["0.0"]
+    assert shrunk[2].weight.shape == (3, 2 * 5 * 5)
+    assert shrunk[2].weight.dtype == torch.float64
+    assert_same_outputs(model, shrunk, torch.randn(2, 2, 5, 5, dtype=torch.float64))
+
+
+class Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 4)),
+        nn.Sequential(Residual(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), nn.ReLU(), nn.Linear(4, 4)),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 4, 1)),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1, groups=2)),
+    ],
+    ids=["sigmoid", "residual", "norm-without-affine", "grouped-consumer"],
+)
+def test_chains_that_do_not_carry_zeros_through_are_left_alone(model: nn.Module) -> None:
+    assert shrinkable_producers(model) == []
+    zero_channels(model[0] if not isinstance(model[0], Residual) else model[0][0], [0, 1])
+    assert count(shrink(model)) == count(model)
