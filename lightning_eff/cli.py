@@ -6,6 +6,7 @@ callbacks, logger and Trainer, trains, tests, and writes the end-of-run report i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from lightning_eff.report import (
     state_dict_bytes,
     write_report,
 )
+from lightning_eff.slurm import JobRequeued, check_slurm_launch, requeue_job, slurm_plugins
 from lightning_eff.throughput import ThroughputMeter
 
 
@@ -44,8 +46,13 @@ def build_logger(kind: str, run_dir: Path) -> Logger | bool:
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
-    """The checkpoint to resume from: an explicit path, or for `auto` the newest `.ckpt` under run_dir."""
-    if resume is None or resume != "auto":
+    """The checkpoint to resume from: an explicit path, or for `auto` the newest `.ckpt` under run_dir.
+
+    A requeued SLURM job (SLURM_RESTART_COUNT > 0) resumes as with `auto` unless told otherwise.
+    """
+    if resume is None and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        resume = "auto"
+    if resume != "auto":
         return resume
     checkpoints = sorted(run_dir.rglob("*.ckpt"), key=lambda path: path.stat().st_mtime)
     if not checkpoints:
@@ -53,6 +60,18 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
         return None
     rank_zero_info(f"resume=auto: resuming from {checkpoints[-1]}")
     return str(checkpoints[-1])
+
+
+def discard_consumed_requeue_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
+    """Delete `hpc_ckpt_*.ckpt` once fit has finished past them.
+
+    Under SLURM, Lightning's `test()` with no checkpoint path loads an HPC checkpoint if one exists, which
+    would test the weights of the interrupted job instead of the finished model.
+    """
+    if trainer.is_global_zero:
+        for path in run_dir.glob("hpc_ckpt_*.ckpt"):
+            path.unlink()
+    trainer.strategy.barrier("discard_consumed_requeue_checkpoints")
 
 
 def instantiate_group(cfg: DictConfig, group: str) -> Any:
@@ -76,6 +95,7 @@ def build_trainer(
     does so here, so a mismatch is reported before training starts.
     """
     trainer_kwargs = settings.trainer.trainer_kwargs()
+    plugins, slurm_callbacks = slurm_plugins()
     callbacks: list[L.Callback] = [ThroughputMeter()]
     if settings.trainer.enable_checkpointing:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
@@ -91,10 +111,12 @@ def build_trainer(
                     raise error.under(group) from None
             if isinstance(plugin, L.Callback):
                 callbacks.append(plugin)
+    callbacks += slurm_callbacks  # last: its requeue checkpoint sees every plugin's state after the step
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=build_logger(settings.run.logger, run_dir),
         callbacks=callbacks,
+        plugins=plugins,
         **trainer_kwargs,
     )
     return trainer, callbacks
@@ -133,13 +155,21 @@ def train(cfg: DictConfig, run_dir: Path) -> list[ReportSection] | None:
     """Validate, train, test and report; returns the report's sections on global rank 0."""
     started = time.perf_counter()
     settings = validate(cfg)
+    check_slurm_launch(settings.trainer.devices, settings.trainer.num_nodes)
     L.seed_everything(settings.run.seed, workers=True, verbose=False)
     datamodule = instantiate_group(cfg, "data")
     model = instantiate_group(cfg, "model")
     trainer, callbacks = build_trainer(cfg, settings, run_dir, model)
     ckpt_path = find_resume_checkpoint(settings.run.resume, run_dir)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except JobRequeued as requeued:
+        rank_zero_info(f"SLURM: {requeued}; the requeued job finishes the run and writes the report")
+        if trainer.is_global_zero:
+            requeue_job()
+        return None
+    discard_consumed_requeue_checkpoints(trainer, run_dir)
     test_metrics: dict[str, float] = {}
     if settings.run.test_after_fit:
         results = trainer.test(model, datamodule=datamodule, verbose=False)

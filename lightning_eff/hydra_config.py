@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from datetime import datetime
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -11,6 +13,16 @@ from omegaconf import OmegaConf
 # Groups a user's app can compose; `experiment/` and `hydra/` belong to the `lightning-eff` app itself.
 SHARED_GROUPS = ("trainer", "model", "data", "pruning", "quantization", "compression", "balancing")
 _PACKAGE_HEADER = re.compile(r"^#\s*@package\s+(\S+)", re.MULTILINE)
+
+
+def default_run_dir() -> str:
+    """`outputs/slurm-<job id>` inside a SLURM job (every task and a requeued job agree on it), else a timestamp."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"outputs/slurm-{job}" if job else f"outputs/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+if not OmegaConf.has_resolver("lightning_eff_run_dir"):
+    OmegaConf.register_new_resolver("lightning_eff_run_dir", default_run_dir, use_cache=True)
 
 
 def config_dir() -> Path:

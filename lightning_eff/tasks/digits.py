@@ -12,7 +12,13 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eff.tasks.splits import EpochSeededShuffle, shuffled_indices, split_sizes
+from lightning_eff.tasks.loading import (
+    EpochSeededShuffle,
+    ResumableDataLoader,
+    batches_done_this_epoch,
+    shuffled_indices,
+    split_sizes,
+)
 
 NUM_CLASSES = 10
 
@@ -61,8 +67,15 @@ class DigitsDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        sampler = EpochSeededShuffle(len(dataset), seed=self.shuffle_seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededShuffle(len(dataset), seed=self.shuffle_seed),
+            num_workers=self.num_workers,
+            skip_batches=batches_done_this_epoch(self.trainer),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_eff.tasks.splits import EpochSeededShuffle, split_sizes
+from lightning_eff.tasks.loading import EpochSeededShuffle, ResumableDataLoader, batches_done_this_epoch, split_sizes
 
 VOCAB_SIZE = 256
 
@@ -82,8 +82,15 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ByteWindows | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        sampler = EpochSeededShuffle(len(dataset), seed=self.shuffle_seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededShuffle(len(dataset), seed=self.shuffle_seed),
+            num_workers=self.num_workers,
+            skip_batches=batches_done_this_epoch(self.trainer),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -1,0 +1,88 @@
+"""Loading for the reference DataModules: deterministic splits, seeded shuffles, and mid-epoch resume."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+def split_sizes(total: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """Sizes of (train, val, test) for `total` items; val and test get at least one item each."""
+    val = max(1, round(total * val_fraction))
+    test = max(1, round(total * test_fraction))
+    train = total - val - test
+    if train < 1:
+        raise ValueError(f"{total} items leave nothing to train on with val={val_fraction}, test={test_fraction}")
+    return train, val, test
+
+
+def shuffled_indices(total: int, seed: int) -> torch.Tensor:
+    """A permutation of range(total) that depends only on `seed` (not on the global RNG)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+
+
+class EpochSeededShuffle(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a run resumed from a checkpoint sees the same order.
+
+    Lightning calls `set_epoch` at the start of every epoch, as it does for `DistributedSampler` (which
+    replaces this sampler under DDP and is epoch-seeded the same way).
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(shuffled_indices(self.size, self.seed + self.epoch).tolist())
+
+
+def batches_done_this_epoch(trainer: L.Trainer | None) -> int:
+    """Training batches of the current epoch that a restored checkpoint already trained on (0 at an epoch end).
+
+    Read when a DataModule builds its training loader, which Lightning does after restoring the loops' state.
+    """
+    if trainer is None or not trainer.fit_loop.restarting:
+        return 0
+    # `processed` counts batches whose optimizer step ran, also when the checkpoint was written in
+    # on_train_batch_end (before Lightning marks the batch `completed`).
+    processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
+    return processed if processed < trainer.num_training_batches else 0
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose first pass skips `skip_batches`: a run resumed from a mid-epoch checkpoint (a SLURM
+    requeue) continues the epoch where it stopped instead of training on its first batches twice.
+
+    `skip_batches` is an init argument kept as an attribute, so Lightning's DDP re-instantiation (which
+    injects a DistributedSampler) carries it over.
+    """
+
+    def __init__(self, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_batches = skip_batches
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self.skip_batches = self.skip_batches, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Empty: the position comes from Lightning's own batch progress (`batches_done_this_epoch`).
+
+        Having the method tells Lightning this loader resumes mid-epoch correctly.
+        """
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore; see `state_dict`."""
