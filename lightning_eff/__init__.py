@@ -2,7 +2,8 @@
 
 from lightning_eff.pruning import GradualPruning
 from lightning_eff.report import ReportContributor, ReportSection
+from lightning_eff.strategies import EfficientDDPStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["GradualPruning", "ReportContributor", "ReportSection", "__version__"]
+__all__ = ["EfficientDDPStrategy", "GradualPruning", "ReportContributor", "ReportSection", "__version__"]

@@ -33,6 +33,7 @@ from lightning_eff.report import (
     write_report,
 )
 from lightning_eff.slurm import JobRequeued, check_slurm_launch, requeue_job, slurm_plugins
+from lightning_eff.strategies import EfficientDDPStrategy
 from lightning_eff.throughput import ThroughputMeter
 
 
@@ -101,9 +102,10 @@ def build_trainer(
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
     if not trainer_kwargs["enable_progress_bar"]:
         callbacks.append(EpochProgressLog())
+    chosen: dict[str, Any] = {}
     for group in CAPABILITY_GROUPS:
         if settings.groups[group] is not None:
-            plugin = instantiate_group(cfg, group)
+            chosen[group] = plugin = instantiate_group(cfg, group)
             if hasattr(plugin, "check_model"):
                 try:
                     plugin.check_model(model)
@@ -111,6 +113,8 @@ def build_trainer(
                     raise error.under(group) from None
             if isinstance(plugin, L.Callback):
                 callbacks.append(plugin)
+    if "compression" in chosen:
+        trainer_kwargs["strategy"] = EfficientDDPStrategy(compression=chosen["compression"])
     callbacks += slurm_callbacks  # last: its requeue checkpoint sees every plugin's state after the step
     trainer = L.Trainer(
         default_root_dir=run_dir,

@@ -326,12 +326,15 @@ def signature_schema(cls: Any) -> type:
         if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         annotation = _omegaconf_type(hints.get(name, Any))
-        if parameter.default is inspect.Parameter.empty:
+        default = parameter.default
+        if default is inspect.Parameter.empty:
             fields.append((name, annotation))
-        elif isinstance(parameter.default, (list, dict, tuple)):
-            fields.append((name, annotation, field(default_factory=_constant(parameter.default))))
-        else:
-            fields.append((name, annotation, field(default=parameter.default)))
+        elif isinstance(default, (list, dict, tuple)):
+            fields.append((name, annotation, field(default_factory=_constant(default))))
+        elif default is None or isinstance(default, (int, float, bool, str)):
+            fields.append((name, annotation, field(default=default)))
+        else:  # an object default (a nested compressor, a dataclass factory): the class checks it itself
+            fields.append((name, Any, field(default=None)))
     return dataclasses.make_dataclass(f"{cls.__name__}Arguments", fields)
 
 
@@ -371,4 +374,11 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
     for name in CAPABILITY_GROUPS:
         node = cfg.get(name)
         groups[name] = validate_target_node(name, node) if node else None  # `none` members compose to {}
+    if groups["compression"] is not None:
+        target = cfg.compression._target_
+        check(trainer.world_size() != 1, "compression._target_", target,
+              "compresses gradients between processes, but this trainer runs one; use trainer=ddp_cpu or "
+              "trainer=ddp with trainer.devices >= 2")  # fmt: skip
+        check(trainer.strategy in ("ddp", "auto"), "trainer.strategy", trainer.strategy,
+              "must be ddp (or auto) when a compression group is chosen")  # fmt: skip
     return ValidatedConfig(run=run, trainer=trainer, groups=groups)

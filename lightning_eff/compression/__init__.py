@@ -1,1 +1,44 @@
-"""compression: see the README's status table; this capability lands with its issue."""
+"""Gradient compression for DDP: compressors, the comm hook that runs them, and the stats they produce.
+
+Example::
+
+    from lightning_eff.compression import CompressionHook, PowerSGD
+
+    hook = CompressionHook(PowerSGD(rank=4, start_step=100), module=model)
+    ddp_model.register_comm_hook(state=None, hook=hook)
+"""
+
+from lightning_eff.compression.compressors import (
+    BF16,
+    FP16,
+    Auto,
+    BucketLayout,
+    Collectives,
+    Compressor,
+    Dense,
+    Int8,
+    PowerSGD,
+    TopK,
+)
+from lightning_eff.compression.hooks import CompressionHook, NonFiniteGradientWarning
+from lightning_eff.compression.stats import CompressionStats, Traffic
+
+COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (Dense, FP16, BF16, PowerSGD, TopK, Int8, Auto)}
+
+__all__ = [
+    "BF16",
+    "COMPRESSORS",
+    "FP16",
+    "Auto",
+    "BucketLayout",
+    "Collectives",
+    "CompressionHook",
+    "CompressionStats",
+    "Compressor",
+    "Dense",
+    "Int8",
+    "NonFiniteGradientWarning",
+    "PowerSGD",
+    "TopK",
+    "Traffic",
+]

@@ -1,1 +1,7 @@
-"""strategies: see the README's status table; this capability lands with its issue."""
+"""Strategies: EfficientDDPStrategy, registered with Lightning under `ddp_<compressor>` names at import."""
+
+from lightning_eff.strategies.ddp import EfficientDDPStrategy, register_strategies
+
+register_strategies()
+
+__all__ = ["EfficientDDPStrategy", "register_strategies"]

@@ -1,0 +1,122 @@
+"""The DDP communication hook built from a compressor: step counting, stats, the non-finite warning, the future.
+
+No `from __future__ import annotations` here: DDP's `register_comm_hook` compares the hook's annotations with
+`dist.GradBucket` and `torch.futures.Future[torch.Tensor]` as objects, and strings would fail that check.
+"""
+
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_eff.compression.compressors import BucketLayout, Collectives, Compressor
+from lightning_eff.compression.stats import CompressionStats, Traffic
+
+
+class NonFiniteGradientWarning(UserWarning):
+    """A gradient bucket held inf/NaN on some rank, so it was sent uncompressed (filter it with this class)."""
+
+
+class CompressionHook:
+    """A DDP comm hook that averages every gradient bucket with `compressor` and counts what that saved.
+
+    DDP calls it once per bucket per synchronizing backward (never inside `no_sync`), so `step` counts optimizer
+    steps under gradient accumulation. The hook returns an already completed future: the compressor's
+    collectives are synchronous, which is what keeps multi-collective schemes like PowerSGD from deadlocking on gloo.
+
+    Compressor state is keyed by parameter name. Pass the wrapped `module` so names are the module's own; without
+    it, parameters are numbered in the order the hook first sees them, which is stable across a resume only if the
+    hook is registered before the first backward (a fresh DDP model starts with the same layout every run).
+
+    Args:
+        compressor: how each bucket is averaged.
+        stats: where bytes and seconds are counted (a new `CompressionStats` if None).
+        module: the module DDP wraps (``ddp_model.module``), for parameter names.
+        sync_timing: synchronize CUDA around collectives so `stats` seconds are real (costs overlap).
+
+    Example::
+
+        hook = CompressionHook(PowerSGD(rank=4), module=model)
+        ddp_model = DistributedDataParallel(model)
+        ddp_model.register_comm_hook(state=None, hook=hook)  # state: the process group, None for the default
+        ...
+        checkpoint["compression"] = hook.state_dict()  # per rank: residuals differ between ranks
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        stats: CompressionStats | None = None,
+        module: torch.nn.Module | None = None,
+        sync_timing: bool = False,
+    ) -> None:
+        self.compressor = compressor
+        self.stats = stats if stats is not None else CompressionStats()
+        self.sync_timing = sync_timing
+        self.step = 0
+        # DDP reads these of every hook (for its logs and a check that targets torch's bf16 hook).
+        self.__name__ = self.__qualname__ = f"CompressionHook({compressor.name})"
+        self._names: dict[int, str] = {}
+        self._parameters: list[Tensor] = []  # keeps the ids in `_names` from being reused
+        if module is not None:
+            for name, parameter in module.named_parameters():
+                self._name(parameter, name)
+        self._warned_step = -1
+
+    def __call__(self, state: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        started = time.perf_counter()
+        buffer = bucket.buffer()
+        comm = Collectives(state, sync_timing=self.sync_timing)
+        result = self.compressor.allreduce_mean(buffer, self._layout(bucket), comm, self.step)
+        if result is not buffer:
+            buffer.copy_(result)
+        comm.synchronize(buffer)
+        elapsed = time.perf_counter() - started
+        traffic = Traffic(
+            bytes_dense=buffer.numel() * buffer.element_size(),
+            bytes_sent=comm.bytes_sent,
+            compress_seconds=elapsed - comm.seconds,
+            communicate_seconds=comm.seconds,
+            nonfinite_buckets=int(comm.nonfinite),
+        )
+        self.stats.record_bucket(traffic)
+        if comm.nonfinite and self._warned_step != self.step:
+            self._warned_step = self.step
+            warnings.warn(
+                f"step {self.step}: a gradient bucket holds inf/NaN on some rank; it was sent uncompressed and "
+                f"{self.compressor.name}'s state was left unchanged",
+                NonFiniteGradientWarning,
+                stacklevel=2,
+            )
+        if bucket.is_last():
+            self.stats.end_step()
+            self.step += 1
+        future: torch.futures.Future[Tensor] = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+        future.set_result(buffer)
+        return future
+
+    def _name(self, parameter: Tensor, name: str | None = None) -> str:
+        key = id(parameter)
+        if key not in self._names:
+            self._names[key] = name if name is not None else f"param{len(self._names)}"
+            self._parameters.append(parameter)
+        return self._names[key]
+
+    def _layout(self, bucket: dist.GradBucket) -> BucketLayout:
+        parameters = bucket.parameters()
+        layout = BucketLayout(tuple(self._name(p) for p in parameters), tuple(p.shape for p in parameters))
+        if sum(layout.numels) != bucket.buffer().numel():
+            raise RuntimeError("DDP bucket buffer is not the concatenation of its parameters' gradients")
+        return layout
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: the step, the compressor's state (per rank) and the stats."""
+        return {"step": self.step, "compressor": self.compressor.state_dict(), "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.compressor.load_state_dict(state["compressor"])
+        self.stats.load_state_dict(state["stats"])
