@@ -113,8 +113,10 @@ def build_trainer(
                     raise error.under(group) from None
             if isinstance(plugin, L.Callback):
                 callbacks.append(plugin)
-    if "compression" in chosen:
-        trainer_kwargs["strategy"] = EfficientDDPStrategy(compression=chosen["compression"])
+    if "compression" in chosen or "balancing" in chosen:
+        trainer_kwargs["strategy"] = EfficientDDPStrategy(
+            compression=chosen.get("compression"), balancer=chosen.get("balancing")
+        )
     callbacks += slurm_callbacks  # last: its requeue checkpoint sees every plugin's state after the step
     trainer = L.Trainer(
         default_root_dir=run_dir,

@@ -236,10 +236,16 @@ class TextDataConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     max_bytes: int | None = None
+    min_seq_len: int | None = None
     num_workers: int = 0
 
     def __post_init__(self) -> None:
         check_int("seq_len", self.seq_len, 1)
+        if self.min_seq_len is not None:
+            check_int("min_seq_len", self.min_seq_len, 1)
+            check(
+                self.min_seq_len <= self.seq_len, "min_seq_len", self.min_seq_len, f"must be <= seq_len={self.seq_len}"
+            )
         check_int("batch_size", self.batch_size, 1)
         _check_split(self.val_fraction, self.test_fraction)
         if self.max_bytes is not None:
@@ -374,11 +380,17 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
     for name in CAPABILITY_GROUPS:
         node = cfg.get(name)
         groups[name] = validate_target_node(name, node) if node else None  # `none` members compose to {}
-    if groups["compression"] is not None:
-        target = cfg.compression._target_
-        check(trainer.world_size() != 1, "compression._target_", target,
-              "compresses gradients between processes, but this trainer runs one; use trainer=ddp_cpu or "
+    for name, what in (("compression", "compresses gradients"), ("balancing", "balances work")):
+        if groups[name] is None:
+            continue
+        target = cfg[name]._target_
+        check(trainer.world_size() != 1, f"{name}._target_", target,
+              f"{what} between processes, but this trainer runs one; use trainer=ddp_cpu or "
               "trainer=ddp with trainer.devices >= 2")  # fmt: skip
         check(trainer.strategy in ("ddp", "auto"), "trainer.strategy", trainer.strategy,
-              "must be ddp (or auto) when a compression group is chosen")  # fmt: skip
+              f"must be ddp (or auto) when a {name} group is chosen")  # fmt: skip
+    world_size = trainer.world_size()
+    if groups["balancing"] is not None and world_size and "min_share" in cfg.balancing:
+        check(cfg.balancing.min_share < 1 / world_size, "balancing.min_share", cfg.balancing.min_share,
+              f"must be < 1/world_size = {1 / world_size:.3g}")  # fmt: skip
     return ValidatedConfig(run=run, trainer=trainer, groups=groups)

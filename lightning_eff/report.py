@@ -36,9 +36,9 @@ class ReportSection:
 
 @runtime_checkable
 class ReportContributor(Protocol):
-    """A callback or strategy that adds a section to the end-of-run report (called on global rank 0)."""
+    """A callback or strategy that adds sections to the end-of-run report (called on global rank 0)."""
 
-    def report_section(self, trainer: L.Trainer, run_dir: Path) -> ReportSection | None: ...
+    def report_section(self, trainer: L.Trainer, run_dir: Path) -> ReportSection | list[ReportSection] | None: ...
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -55,9 +55,11 @@ def contributed_sections(trainer: L.Trainer, run_dir: Path) -> list[ReportSectio
     sections = []
     for contributor in [*trainer.callbacks, trainer.strategy]:  # type: ignore[attr-defined]
         if isinstance(contributor, ReportContributor):
-            section = contributor.report_section(trainer, run_dir)
-            if section is not None:
-                sections.append(section)
+            contributed = contributor.report_section(trainer, run_dir)
+            if isinstance(contributed, ReportSection):
+                sections.append(contributed)
+            elif contributed:
+                sections.extend(contributed)
     return sections
 
 

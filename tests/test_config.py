@@ -17,7 +17,11 @@ from tests.conftest import compose_app_config, run_cli
 GROUPS = ["trainer", "model", "data", "pruning", "quantization", "compression", "balancing", "experiment"]
 MEMBERS = [(group, path.stem) for group in GROUPS for path in sorted((config_dir() / group).glob("*.yaml"))]
 NEEDS = {("model", "tiny_gpt"): ["data=text"], ("data", "text"): ["model=tiny_gpt"]}
-NEEDS |= {("compression", path.stem): ["trainer=ddp_cpu"] for path in (config_dir() / "compression").glob("*.yaml")}
+NEEDS |= {
+    (group, path.stem): ["trainer=ddp_cpu"]
+    for group in ("compression", "balancing")
+    for path in (config_dir() / group).glob("*.yaml")
+}
 
 
 def test_every_group_has_members() -> None:

@@ -1,1 +1,17 @@
-"""balancing: see the README's status table; this capability lands with its issue."""
+"""Load-balanced DDP: per-rank batch shares from measured speed, cost-balanced batches, sample-weighted gradients."""
+
+from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer
+from lightning_eff.balancing.planner import plan_batch_sizes, split_by_weight
+from lightning_eff.balancing.sampler import BalancedBatchSampler, BatchPlan, assign_by_cost
+from lightning_eff.balancing.weighting import SampleWeighting
+
+__all__ = [
+    "BalancedBatchSampler",
+    "BatchPlan",
+    "CostBalancer",
+    "SampleWeighting",
+    "ThroughputBalancer",
+    "assign_by_cost",
+    "plan_batch_sizes",
+    "split_by_weight",
+]

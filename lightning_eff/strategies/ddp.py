@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -9,15 +11,23 @@ import lightning as L
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_eff.compression import COMPRESSORS, CompressionHook, CompressionStats, Compressor
+from lightning_eff.balancing import BalancedBatchSampler, SampleWeighting
+from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer, require_balancer
+from lightning_eff.balancing.plot import plot_balance
+from lightning_eff.compression import COMPRESSORS, CompressionHook, CompressionStats, Compressor, Dense
 from lightning_eff.report import ReportSection
+from lightning_eff.tasks.loading import batches_done_this_epoch
 from lightning_eff.validation import ConfigError, check_choice
 
 CHECKPOINT_KEY = "lightning_eff_compression"
+BALANCER_KEY = "lightning_eff_balancing"
 
 
 def _compressor(compression: Compressor | str | None) -> Compressor | None:
@@ -28,29 +38,49 @@ def _compressor(compression: Compressor | str | None) -> Compressor | None:
 
 
 class EfficientDDPStrategy(DDPStrategy):
-    """DDP whose gradient allreduce goes through a compressor, on CPU (gloo) as on GPU (NCCL).
+    """DDP with gradient compression and load balancing, on CPU (gloo) as on GPU (NCCL).
 
     Lightning's `DDPStrategy` registers comm hooks only on CUDA and never checkpoints their state. This
     strategy registers the compressor's hook on every device and saves each rank's compressor state (error
     feedback differs per rank) in the checkpoint, handing each rank its own back on resume.
 
+    With a balancer, each rank's share of the global batch follows its measured speed: the training
+    DataLoader's sampler is replaced (not stacked on Lightning's DistributedSampler) by one that cuts every
+    global batch by the current plan, and gradients are weighted by sample count before they are compressed
+    and averaged, so the update equals one process training on the whole global batch.
+
     Args:
         compression: a `Compressor` (``PowerSGD(rank=4)``), a registered name (``"powersgd"``), or None
             for plain DDP.
+        balancer: a `ThroughputBalancer` or `CostBalancer` (``"throughput"`` for a default one), or None for
+            equal shares.
         **kwargs: everything `DDPStrategy` takes (``process_group_backend``, ``find_unused_parameters``, ...).
 
     Example::
 
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=EfficientDDPStrategy(compression=PowerSGD(rank=4)))
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2,
+            strategy=EfficientDDPStrategy(compression=PowerSGD(rank=4), balancer=ThroughputBalancer()),
+        )
     """
 
     strategy_name = "ddp_efficient"
 
-    def __init__(self, compression: Compressor | str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        compression: Compressor | str | None = None,
+        balancer: ThroughputBalancer | CostBalancer | str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if compression is not None and kwargs.get("ddp_comm_hook") is not None:
             raise ConfigError("compression", compression, "cannot be combined with ddp_comm_hook; choose one")
         super().__init__(**kwargs)
         self.compressor = _compressor(compression)
+        self.balancer = require_balancer(ThroughputBalancer() if balancer == "throughput" else balancer)
+        self._weighting = SampleWeighting() if self.balancer is not None else None
+        self._step_samples = 0
+        self._step_busy_seconds = 0.0
+        self._step_seen = -1
         self.compression_stats = CompressionStats()
         self._hook: CompressionHook | None = None
         self._restored_state: dict[str, Any] | None = None
@@ -58,15 +88,16 @@ class EfficientDDPStrategy(DDPStrategy):
 
     @override
     def _register_ddp_hooks(self) -> None:
-        if self.compressor is None:
+        if self.compressor is None and self.balancer is None:
             super()._register_ddp_hooks()
             return
         assert isinstance(self.model, DistributedDataParallel)
         self._hook = CompressionHook(
-            self.compressor,
+            self.compressor if self.compressor is not None else Dense(),
             self.compression_stats,
             module=self.model.module,
             sync_timing=self.root_device.type == "cuda",
+            weighting=self._weighting,
         )
         if self._restored_state is not None:
             self._hook.load_state_dict(self._restored_state)
@@ -84,13 +115,17 @@ class EfficientDDPStrategy(DDPStrategy):
             else:
                 states = [self._hook.state_dict()]
             checkpoint[CHECKPOINT_KEY] = states
+        if self.balancer is not None:
+            checkpoint[BALANCER_KEY] = self.balancer.state_dict()  # agreed on by all ranks: one copy
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.balancer is not None and BALANCER_KEY in checkpoint:
+            self.balancer.load_state_dict(checkpoint[BALANCER_KEY])
         states = checkpoint.get(CHECKPOINT_KEY)
-        if states is None or self.compressor is None:
+        if states is None or (self._hook is None and self.compressor is None and self.balancer is None):
             return checkpoint
         if len(states) != self.world_size:
             rank_zero_warn(
@@ -105,15 +140,88 @@ class EfficientDDPStrategy(DDPStrategy):
             self._restored_state = own
         return checkpoint
 
+    # --- load balancing ---------------------------------------------------------------------------------
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self.balancer is None or trainer is None or trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        if not isinstance(dataloader, DataLoader) or dataloader.batch_size is None:
+            raise ConfigError("balancer", type(self.balancer).__name__, "needs a train DataLoader with a batch_size")
+        global_batch = dataloader.batch_size * self.world_size
+        plan = self.balancer.setup(global_batch, self.world_size)
+        cost = self.balancer.cost
+        sampler = BalancedBatchSampler(
+            dataset_size=len(dataloader.dataset),  # type: ignore[arg-type]
+            global_batch_size=global_batch,
+            rank=self.global_rank,
+            world_size=self.world_size,
+            plan=plan,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            cost_fn=cost.cost_of(dataloader.dataset) if cost is not None else None,
+        )
+        sampler.skip_batches = batches_done_this_epoch(trainer)
+        return DataLoader(
+            dataloader.dataset,
+            batch_sampler=sampler,
+            collate_fn=dataloader.collate_fn,
+            num_workers=dataloader.num_workers,
+            pin_memory=dataloader.pin_memory,
+        )
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        output = super().training_step(*args, **kwargs)
+        if self._weighting is not None:
+            samples = extract_batch_size(args[0])
+            self._weighting.count(samples)
+            self._step_samples += samples
+            self._step_busy_seconds += time.perf_counter() - started
+        return output
+
+    @override
+    def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        output = super().backward(closure_loss, optimizer, *args, **kwargs)
+        self._step_busy_seconds += time.perf_counter() - started
+        return output
+
+    def _balance_after_step(self, trainer: L.Trainer) -> None:
+        """Record the finished step's compute (minus time in collectives) and re-plan when due."""
+        assert self.balancer is not None
+        waited = self.compression_stats.last_step.communicate_seconds
+        self.balancer.record(self._step_samples, max(self._step_busy_seconds - waited, 1e-9))
+        self._step_samples, self._step_busy_seconds = 0, 0.0
+        if self.balancer.maybe_replan(trainer.global_step, self.root_device) and trainer.is_global_zero:
+            stats = self.balancer.stats()
+            metrics = {f"balancing/share/rank{r}": share for r, share in enumerate(stats["share"])}
+            metrics |= {f"balancing/speed/rank{r}": speed for r, speed in enumerate(stats["speed"])}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    @property
+    def balance_stats(self) -> dict[str, list[float]]:
+        """Per-rank share of the global batch, speed (samples/s of compute) and idle fraction."""
+        return self.balancer.stats() if self.balancer is not None else {}
+
     # --- what a user sees -------------------------------------------------------------------------------
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if self._hook is None or trainer is None or not trainer.is_global_zero:
+        if trainer is None or self._hook is None:
             return
         step = trainer.global_step
+        if self.balancer is not None and step != self._step_seen:
+            if self._step_seen >= 0:
+                self._balance_after_step(trainer)
+            self._step_seen = step
+        if not trainer.is_global_zero:
+            return
         every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning at init, not declared
         if step == self._logged_step or step % every or self.compression_stats.steps == 0:
             return
@@ -129,9 +237,13 @@ class EfficientDDPStrategy(DDPStrategy):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def report_section(self, trainer: L.Trainer, run_dir: Path) -> ReportSection | None:
-        """Bytes a dense allreduce would have sent, bytes sent, and the time compression took."""
-        if self._hook is None:
+    def report_section(self, trainer: L.Trainer, run_dir: Path) -> list[ReportSection]:
+        """`communication` (bytes dense vs sent, compression time) and `balance` (shares, speeds, plot)."""
+        sections = [self._communication_section(), self._balance_section(run_dir)]
+        return [section for section in sections if section is not None]
+
+    def _communication_section(self) -> ReportSection | None:
+        if self._hook is None or self.compressor is None:
             return None
         total, steps = self.compression_stats.total, max(self.compression_stats.steps, 1)
         summary: dict[str, Any] = {
@@ -147,12 +259,40 @@ class EfficientDDPStrategy(DDPStrategy):
         }
         return ReportSection(name="communication", summary=summary)
 
+    def _balance_section(self, run_dir: Path) -> ReportSection | None:
+        if self.balancer is None:
+            return None
+        stats = self.balancer.stats()
+        figure = plot_balance(self.balancer.history, run_dir / "balance.png")
+        return ReportSection(
+            name="balance",
+            summary={"replans": len(self.balancer.history), "global_batch": sum(self.balancer.plan.batch_sizes)},
+            rows=[
+                {
+                    "rank": rank,
+                    "batch_size": self.balancer.plan.batch_sizes[rank],
+                    "share": stats["share"][rank],
+                    "speed_samples_per_s": stats["speed"][rank] if stats["speed"] else float("nan"),
+                    "idle_fraction": stats["idle_fraction"][rank] if stats["idle_fraction"] else float("nan"),
+                }
+                for rank in range(len(self.balancer.plan.batch_sizes))
+            ],
+            figures=[figure.name] if figure is not None else [],
+        )
+
 
 def register_strategies(registry: Any = StrategyRegistry) -> None:
-    """Register `ddp_fp16`, `ddp_bf16`, `ddp_powersgd`, `ddp_topk`, `ddp_int8`, `ddp_auto` with Lightning.
+    """Register `ddp_fp16`, `ddp_bf16`, `ddp_powersgd`, `ddp_topk`, `ddp_int8`, `ddp_auto` and `ddp_balanced`.
 
-    Each name builds a fresh compressor per Trainer (compressors hold per-run state).
+    Each name builds a fresh compressor or balancer per Trainer (they hold per-run state).
     """
+    if "ddp_balanced" not in registry:
+        registry.register(
+            "ddp_balanced",
+            EfficientDDPStrategy,
+            description="DDP with per-rank batch shares from measured speed (lightning_eff)",
+            balancer="throughput",
+        )
     for name in ("fp16", "bf16", "powersgd", "topk", "int8", "auto"):
         if f"ddp_{name}" not in registry:
             registry.register(

@@ -37,6 +37,31 @@ class ByteWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return window[:-1], window[1:]
 
 
+class VariableLengthWindows(ByteWindows):
+    """Windows whose length is drawn per index from [min_len, seq_len]: real text, unequal cost per sample."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int, min_len: int, seed: int = 0) -> None:
+        super().__init__(data, seq_len)
+        generator = torch.Generator().manual_seed(seed)
+        self.lengths = torch.randint(min_len, seq_len + 1, (len(self),), generator=generator).tolist()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, targets = super().__getitem__(index)
+        length = self.lengths[index]
+        return tokens[:length], targets[:length]
+
+
+def pad_batch(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch to its longest sample; padded targets are -100, which cross-entropy ignores."""
+    longest = max(len(tokens) for tokens, _ in batch)
+    tokens = torch.zeros(len(batch), longest, dtype=torch.long)
+    targets = torch.full((len(batch), longest), -100, dtype=torch.long)
+    for row, (sample, target) in enumerate(batch):
+        tokens[row, : len(sample)] = sample
+        targets[row, : len(target)] = target
+    return tokens, targets
+
+
 class TextDataModule(L.LightningDataModule):
     """The corpus split into contiguous train/val/test stretches, so no window leaks across splits.
 
@@ -44,6 +69,8 @@ class TextDataModule(L.LightningDataModule):
         seq_len: bytes per training sample (the model's context length must be at least this).
         batch_size: windows per batch on each process.
         max_bytes: use only the first `max_bytes` of the corpus (quick runs and tests); None for all.
+        min_seq_len: if set, training samples have random lengths in [min_seq_len, seq_len] and batches are
+            padded (the variable-length task that `CostBalancer` balances); None for fixed length.
     """
 
     def __init__(
@@ -53,6 +80,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         max_bytes: int | None = None,
+        min_seq_len: int | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -62,6 +90,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.max_bytes = max_bytes
+        self.min_seq_len = min_seq_len
         self.num_workers = num_workers
         # The training shuffle follows the run's seed (`seed_everything`), epoch by epoch.
         self.shuffle_seed = torch.initial_seed() % 2**31
@@ -76,7 +105,10 @@ class TextDataModule(L.LightningDataModule):
         if self.max_bytes is not None:
             data = data[: self.max_bytes]
         n_train, n_val, _ = split_sizes(len(data), self.val_fraction, self.test_fraction)
-        self.train_set = ByteWindows(data[:n_train], self.seq_len)
+        if self.min_seq_len is None:
+            self.train_set = ByteWindows(data[:n_train], self.seq_len)
+        else:
+            self.train_set = VariableLengthWindows(data[:n_train], self.seq_len, self.min_seq_len)
         self.val_set = ByteWindows(data[n_train : n_train + n_val], self.seq_len)
         self.test_set = ByteWindows(data[n_train + n_val :], self.seq_len)
 
@@ -89,6 +121,7 @@ class TextDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=EpochSeededShuffle(len(dataset), seed=self.shuffle_seed),
             num_workers=self.num_workers,
+            collate_fn=pad_batch if self.min_seq_len is not None else None,
             skip_batches=batches_done_this_epoch(self.trainer),
         )
 
