@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, Masks, apply_masks, compute_masks, parse_pattern
+from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, MaskApplier, Masks, compute_masks, parse_pattern
 from lightning_eff.pruning.plot import plot_pruning
 from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
 from lightning_eff.pruning.targets import PruningTarget, select_targets
@@ -106,6 +106,7 @@ class GradualPruning(L.Callback):
         self._mask_sparsity = 0.0
         self._last_step = -1
         self._parameters: dict[str, torch.Tensor] = {}
+        self._apply = MaskApplier({}, {})
         self._active = True
 
     # --- what a user reads ---------------------------------------------------------------------------
@@ -118,9 +119,12 @@ class GradualPruning(L.Callback):
     @property
     def sparsity(self) -> float:
         """Achieved sparsity over all targeted weights now (exact zeros counted in the weights)."""
-        weights = [self._parameters[t.weight] for t in self._live_targets()]
-        total = sum(w.numel() for w in weights)
-        return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+        return self._overall(self.layer_sparsity)
+
+    def _overall(self, layer_sparsity: dict[str, float]) -> float:
+        sizes = {name: self._parameters[name].numel() for name in layer_sparsity}
+        total = sum(sizes.values())
+        return sum(layer_sparsity[name] * sizes[name] for name in sizes) / total if total else 0.0
 
     @property
     def schedule(self) -> SparsitySchedule:
@@ -171,8 +175,8 @@ class GradualPruning(L.Callback):
         )
         self._last_step = trainer.global_step
         device = next(iter(self._parameters.values())).device
-        self.masks = {name: mask.to(device) for name, mask in self.masks.items()}
-        apply_masks(self._parameters, self.masks)  # a resumed run continues with the checkpoint's masks
+        self._set_masks({name: mask.to(device) for name, mask in self.masks.items()})
+        self._apply()  # a resumed run continues with the checkpoint's masks
         self._update(trainer)
 
     @override
@@ -183,14 +187,18 @@ class GradualPruning(L.Callback):
             return  # accumulating gradients: no optimizer step happened
         self._last_step = trainer.global_step
         self._update(trainer)
-        apply_masks(self._parameters, self.masks)
+        self._apply()
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        apply_masks(self._parameters, self.masks)
+        self._apply()
         if self.make_permanent:
             self._active = False
-            self.masks = {}
+            self._set_masks({})
+
+    def _set_masks(self, masks: Masks) -> None:
+        self.masks = masks
+        self._apply = MaskApplier(self._parameters, masks)
 
     def _update(self, trainer: L.Trainer) -> None:
         """Recompute the masks when the schedule's sparsity has changed since they were computed."""
@@ -204,13 +212,14 @@ class GradualPruning(L.Callback):
         # Identical weights give identical masks on every rank; broadcasting rank 0's makes it a guarantee.
         masks = trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
         device = next(iter(self._parameters.values())).device
-        self.masks = {name: mask.to(device) for name, mask in masks.items()}
+        self._set_masks({name: mask.to(device) for name, mask in masks.items()})
         self._mask_sparsity = target
-        apply_masks(self._parameters, self.masks)
-        achieved = self.sparsity
+        self._apply()
+        layers = self.layer_sparsity
+        achieved = self._overall(layers)
         self.history.append({"step": trainer.global_step, "target": target, "achieved": achieved})
         metrics = {"pruning/target_sparsity": target, "pruning/sparsity": achieved}
-        metrics.update({f"pruning/layer/{name}": value for name, value in self.layer_sparsity.items()})
+        metrics.update({f"pruning/layer/{name}": value for name, value in layers.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,8 +1,8 @@
 """Masks from scores, and applying them: the functional core of GradualPruning.
 
 A mask here marks what is *pruned* (True = zero), has the parameter's shape or broadcasts to it (a
-channel mask is [out, 1, ...]), and is applied in place with `masked_fill_`: no forward hooks and no
-`weight_orig`, so a pruned model's state_dict loads strictly into the plain model.
+channel mask is [out, 1, ...]), and is applied in place by multiplying with its complement: no forward
+hooks and no `weight_orig`, so a pruned model's state_dict loads strictly into the plain model.
 """
 
 from __future__ import annotations
@@ -140,14 +140,31 @@ def compute_masks(
     raise ValueError(f"granularity={granularity!r}: must be one of {', '.join(GRANULARITIES)}")
 
 
-@torch.no_grad()
+class MaskApplier:
+    """Zeroes the pruned entries of many parameters with one fused multiply (`torch._foreach_mul_`).
+
+    Built once per mask update: keep-factors in each parameter's dtype and shape, so applying them after
+    every optimizer step costs one multiply per weight (a bool `masked_fill_` cost about 3x more here).
+    """
+
+    def __init__(self, parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+        self.parameters = [parameters[name] for name in masks]
+        self.keep = []
+        for name, mask in masks.items():
+            parameter = parameters[name]
+            if mask.device != parameter.device:
+                raise RuntimeError(f"mask for {name} is on {mask.device}, the parameter on {parameter.device}")
+            self.keep.append((~mask).to(parameter.dtype).expand_as(parameter).contiguous())
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.parameters:
+            torch._foreach_mul_(self.parameters, self.keep)
+
+
 def apply_masks(parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero every pruned entry in place (one `masked_fill_` per tensor, no allocation)."""
-    for name, mask in masks.items():
-        parameter = parameters[name]
-        if mask.device != parameter.device:
-            raise RuntimeError(f"mask for {name} is on {mask.device}, the parameter on {parameter.device}")
-        parameter.masked_fill_(mask, 0.0)
+    """Zero every pruned entry of `parameters` in place (one-off; the callback keeps a `MaskApplier`)."""
+    MaskApplier(parameters, masks)()
 
 
 def zero_fraction(tensors: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> float:
