@@ -125,7 +125,7 @@ class EfficientDDPStrategy(DDPStrategy):
         if self.balancer is not None and BALANCER_KEY in checkpoint:
             self.balancer.load_state_dict(checkpoint[BALANCER_KEY])
         states = checkpoint.get(CHECKPOINT_KEY)
-        if states is None or (self._hook is None and self.compressor is None and self.balancer is None):
+        if states is None or (self.compressor is None and self.balancer is None):
             return checkpoint
         if len(states) != self.world_size:
             rank_zero_warn(

@@ -10,20 +10,14 @@ import torch
 import torchmetrics
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_eff.tasks.loading import (
-    EpochSeededShuffle,
-    ResumableDataLoader,
-    batches_done_this_epoch,
-    shuffled_indices,
-    split_sizes,
-)
+from lightning_eff.tasks.loading import SplitDataModule, shuffled_indices, split_sizes
 
 NUM_CLASSES = 10
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The 1,797 digits as (1, 8, 8) float images in [0, 1], split deterministically by `split_seed`.
 
     Args:
@@ -41,18 +35,11 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
-        self.num_workers = num_workers
-        # The training shuffle follows the run's seed (`seed_everything`), epoch by epoch.
-        self.shuffle_seed = torch.initial_seed() % 2**31
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -64,27 +51,6 @@ class DigitsDataModule(L.LightningDataModule):
         n_train, n_val, _ = split_sizes(len(labels), self.val_fraction, self.test_fraction)
         parts = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
         self.train_set, self.val_set, self.test_set = (TensorDataset(images[p], labels[p]) for p in parts)
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        assert dataset is not None, "call setup() first"
-        if not shuffle:
-            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-        return ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededShuffle(len(dataset), seed=self.shuffle_seed),
-            num_workers=self.num_workers,
-            skip_batches=batches_done_this_epoch(self.trainer),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 class DigitsClassifier(L.LightningModule):

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def split_sizes(total: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
@@ -86,3 +86,42 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore; see `state_dict`."""
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Loaders shared by the reference DataModules: a resumable, (seed, epoch)-shuffled training loader and
+    plain validation and test loaders. Subclasses fill `train_set`, `val_set` and `test_set` in `setup`."""
+
+    collate_fn: Any = None
+
+    def __init__(self, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        # The training shuffle follows the run's seed (`seed_everything`), epoch by epoch.
+        self.shuffle_seed = torch.initial_seed() % 2**31
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        assert dataset is not None, "call setup() first"
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededShuffle(len(dataset), seed=self.shuffle_seed),  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            skip_batches=batches_done_this_epoch(self.trainer),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pydoc_data.topics import topics
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_eff.tasks.loading import EpochSeededShuffle, ResumableDataLoader, batches_done_this_epoch, split_sizes
+from lightning_eff.tasks.loading import SplitDataModule, split_sizes
 
 VOCAB_SIZE = 256
 
@@ -62,7 +61,7 @@ def pad_batch(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return tokens, targets
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """The corpus split into contiguous train/val/test stretches, so no window leaks across splits.
 
     Args:
@@ -83,20 +82,14 @@ class TextDataModule(L.LightningDataModule):
         min_seq_len: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
         self.seq_len = seq_len
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.max_bytes = max_bytes
         self.min_seq_len = min_seq_len
-        self.num_workers = num_workers
-        # The training shuffle follows the run's seed (`seed_everything`), epoch by epoch.
-        self.shuffle_seed = torch.initial_seed() % 2**31
-        self.train_set: ByteWindows | None = None
-        self.val_set: ByteWindows | None = None
-        self.test_set: ByteWindows | None = None
+        self.collate_fn = pad_batch if min_seq_len is not None else None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -111,25 +104,3 @@ class TextDataModule(L.LightningDataModule):
             self.train_set = VariableLengthWindows(data[:n_train], self.seq_len, self.min_seq_len)
         self.val_set = ByteWindows(data[n_train : n_train + n_val], self.seq_len)
         self.test_set = ByteWindows(data[n_train + n_val :], self.seq_len)
-
-    def _loader(self, dataset: ByteWindows | None, shuffle: bool) -> DataLoader:
-        assert dataset is not None, "call setup() first"
-        if not shuffle:
-            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-        return ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededShuffle(len(dataset), seed=self.shuffle_seed),
-            num_workers=self.num_workers,
-            collate_fn=pad_batch if self.min_seq_len is not None else None,
-            skip_batches=batches_done_this_epoch(self.trainer),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
