@@ -3,15 +3,15 @@
 from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer
 from lightning_eff.balancing.planner import plan_batch_sizes, split_by_weight
 from lightning_eff.balancing.sampler import BalancedBatchSampler, BatchPlan, assign_by_cost
-from lightning_eff.balancing.weighting import SampleWeighting
+from lightning_eff.balancing.weighting import sample_weight
 
 __all__ = [
     "BalancedBatchSampler",
     "BatchPlan",
     "CostBalancer",
-    "SampleWeighting",
     "ThroughputBalancer",
     "assign_by_cost",
     "plan_batch_sizes",
+    "sample_weight",
     "split_by_weight",
 ]

@@ -111,6 +111,11 @@ class BalancedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self._bounds()) - 1
 
+    def global_size(self, batch_index: int) -> int:
+        """Samples in the epoch's `batch_index`-th global batch, over all ranks (the same for every plan)."""
+        bounds = self._bounds()
+        return bounds[batch_index + 1] - bounds[batch_index]
+
     def _epoch_order(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.dataset_size))

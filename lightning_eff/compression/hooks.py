@@ -36,8 +36,6 @@ class CompressionHook:
         stats: where bytes and seconds are counted (a new `CompressionStats` if None).
         module: the module DDP wraps (``ddp_model.module``), for parameter names.
         sync_timing: synchronize CUDA around collectives so `stats` seconds are real (costs overlap).
-        weighting: scales each bucket before it is compressed (`balancing.SampleWeighting`, for ranks with
-            unequal batch sizes); None for DDP's plain mean over ranks.
 
     Example::
 
@@ -54,11 +52,8 @@ class CompressionHook:
         stats: CompressionStats | None = None,
         module: torch.nn.Module | None = None,
         sync_timing: bool = False,
-        weighting: Any = None,
     ) -> None:
         self.compressor = compressor
-        self.weighting = weighting
-        self._buckets_this_step = 0
         self.stats = stats if stats is not None else CompressionStats()
         self.sync_timing = sync_timing
         self.step = 0
@@ -75,9 +70,6 @@ class CompressionHook:
         started = time.perf_counter()
         buffer = bucket.buffer()
         comm = Collectives(state, sync_timing=self.sync_timing)
-        if self.weighting is not None:
-            self.weighting.apply(buffer, comm, first_bucket=self._buckets_this_step == 0)
-        self._buckets_this_step += 1
         result = self.compressor.allreduce_mean(buffer, self._layout(bucket), comm, self.step)
         if result is not buffer:
             buffer.copy_(result)
@@ -100,7 +92,6 @@ class CompressionHook:
                 stacklevel=2,
             )
         if bucket.is_last():
-            self._buckets_this_step = 0
             self.stats.end_step()
             self.step += 1
         future: torch.futures.Future[Tensor] = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)

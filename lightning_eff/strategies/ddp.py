@@ -18,10 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_eff.balancing import BalancedBatchSampler, SampleWeighting
+from lightning_eff.balancing import BalancedBatchSampler, sample_weight
 from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer, require_balancer
 from lightning_eff.balancing.plot import plot_balance
-from lightning_eff.compression import COMPRESSORS, CompressionHook, CompressionStats, Compressor, Dense
+from lightning_eff.compression import COMPRESSORS, CompressionHook, CompressionStats, Compressor
 from lightning_eff.report import ReportSection
 from lightning_eff.tasks.loading import batches_done_this_epoch
 from lightning_eff.validation import ConfigError, check_choice
@@ -46,8 +46,8 @@ class EfficientDDPStrategy(DDPStrategy):
 
     With a balancer, each rank's share of the global batch follows its measured speed: the training
     DataLoader's sampler is replaced (not stacked on Lightning's DistributedSampler) by one that cuts every
-    global batch by the current plan, and gradients are weighted by sample count before they are compressed
-    and averaged, so the update equals one process training on the whole global batch.
+    global batch by the current plan, and each rank's loss is weighted by its sample count before backward
+    (so before compression and DDP's mean), so the update equals one process training on the whole global batch.
 
     Args:
         compression: a `Compressor` (``PowerSGD(rank=4)``), a registered name (``"powersgd"``), or None
@@ -77,7 +77,8 @@ class EfficientDDPStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.compressor = _compressor(compression)
         self.balancer = require_balancer(ThroughputBalancer() if balancer == "throughput" else balancer)
-        self._weighting = SampleWeighting() if self.balancer is not None else None
+        self._sampler: BalancedBatchSampler | None = None
+        self._loss_weight = 1.0
         self._step_samples = 0
         self._step_busy_seconds = 0.0
         self._step_seen = -1
@@ -88,16 +89,15 @@ class EfficientDDPStrategy(DDPStrategy):
 
     @override
     def _register_ddp_hooks(self) -> None:
-        if self.compressor is None and self.balancer is None:
-            super()._register_ddp_hooks()
+        if self.compressor is None:
+            super()._register_ddp_hooks()  # plain DDP keeps torch's overlapped allreduce
             return
         assert isinstance(self.model, DistributedDataParallel)
         self._hook = CompressionHook(
-            self.compressor if self.compressor is not None else Dense(),
+            self.compressor,
             self.compression_stats,
             module=self.model.module,
             sync_timing=self.root_device.type == "cuda",
-            weighting=self._weighting,
         )
         if self._restored_state is not None:
             self._hook.load_state_dict(self._restored_state)
@@ -125,7 +125,7 @@ class EfficientDDPStrategy(DDPStrategy):
         if self.balancer is not None and BALANCER_KEY in checkpoint:
             self.balancer.load_state_dict(checkpoint[BALANCER_KEY])
         states = checkpoint.get(CHECKPOINT_KEY)
-        if states is None or (self.compressor is None and self.balancer is None):
+        if states is None or self.compressor is None:
             return checkpoint
         if len(states) != self.world_size:
             rank_zero_warn(
@@ -163,6 +163,7 @@ class EfficientDDPStrategy(DDPStrategy):
             cost_fn=cost.cost_of(dataloader.dataset) if cost is not None else None,
         )
         sampler.skip_batches = batches_done_this_epoch(trainer)
+        self._sampler = sampler
         return DataLoader(
             dataloader.dataset,
             batch_sampler=sampler,
@@ -173,27 +174,29 @@ class EfficientDDPStrategy(DDPStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._sampler is None:
+            return super().training_step(*args, **kwargs)
+        # Forward time measures speed: it holds no collective, so a rank waiting for a slow peer in
+        # backward's allreduce does not look slow itself, and backward costs about a fixed multiple of it.
         started = time.perf_counter()
         output = super().training_step(*args, **kwargs)
-        if self._weighting is not None:
-            samples = extract_batch_size(args[0])
-            self._weighting.count(samples)
-            self._step_samples += samples
-            self._step_busy_seconds += time.perf_counter() - started
+        self._step_busy_seconds += time.perf_counter() - started
+        batch, batch_index = args[0], int(args[1]) if len(args) > 1 else int(kwargs.get("batch_idx", 0))
+        samples = extract_batch_size(batch)
+        self._step_samples += samples
+        self._loss_weight = sample_weight(samples, self._sampler.global_size(batch_index), self.world_size)
         return output
 
     @override
     def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        output = super().backward(closure_loss, optimizer, *args, **kwargs)
-        self._step_busy_seconds += time.perf_counter() - started
-        return output
+        if self._sampler is not None and self._loss_weight != 1.0:
+            closure_loss = closure_loss * self._loss_weight  # before DDP's mean and any compression hook
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def _balance_after_step(self, trainer: L.Trainer) -> None:
-        """Record the finished step's compute (minus time in collectives) and re-plan when due."""
+        """Record the finished step's compute and re-plan when due."""
         assert self.balancer is not None
-        waited = self.compression_stats.last_step.communicate_seconds
-        self.balancer.record(self._step_samples, max(self._step_busy_seconds - waited, 1e-9))
+        self.balancer.record(self._step_samples, max(self._step_busy_seconds, 1e-9))
         self._step_samples, self._step_busy_seconds = 0, 0.0
         if self.balancer.maybe_replan(trainer.global_step, self.root_device) and trainer.is_global_zero:
             stats = self.balancer.stats()
@@ -213,14 +216,14 @@ class EfficientDDPStrategy(DDPStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or self._hook is None:
+        if trainer is None:
             return
         step = trainer.global_step
         if self.balancer is not None and step != self._step_seen:
             if self._step_seen >= 0:
                 self._balance_after_step(trainer)
             self._step_seen = step
-        if not trainer.is_global_zero:
+        if self._hook is None or not trainer.is_global_zero:
             return
         every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning at init, not declared
         if step == self._logged_step or step % every or self.compression_stats.steps == 0:

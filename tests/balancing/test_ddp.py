@@ -47,7 +47,7 @@ with open(f"{out}/rank{trainer.global_rank}.json", "w") as handle:
     json.dump({
         "sizes": record.sizes,
         "params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
-        "weight": strategy._weighting.weight,
+        "weight": strategy._loss_weight,
         "ratio": strategy.compression_stats.total.ratio,
         "plan": strategy.balancer.plan.batch_sizes,
     }, handle)
