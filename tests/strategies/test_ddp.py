@@ -48,7 +48,8 @@ record = Record()
 saver = ModelCheckpoint(dirpath=out + "/ckpt", save_top_k=-1, every_n_train_steps=15, filename="{step}")
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, callbacks=[record, saver],
                     logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    accumulate_grad_batches=int(sys.argv[5]) if len(sys.argv) > 5 else 1)
+                    accumulate_grad_batches=int(sys.argv[5]) if len(sys.argv) > 5 else 1,
+                    precision=sys.argv[6] if len(sys.argv) > 6 else "32-true")
 trainer.fit(DigitsMLP(hidden_sizes=[64, 64]), datamodule=DigitsDataModule(), ckpt_path=None if ckpt == "-" else ckpt)
 stats = getattr(trainer.strategy, "compression_stats", None)
 result = {
@@ -66,12 +67,14 @@ with open(f"{out}/rank{trainer.global_rank}.json", "w") as handle:
 """
 
 
-def run_ddp(tmp_path: Path, kind: str, max_steps: int, ckpt: str = "-", accumulate: int = 1) -> list[dict]:
+def run_ddp(
+    tmp_path: Path, kind: str, max_steps: int, ckpt: str = "-", accumulate: int = 1, precision: str = "32-true"
+) -> list[dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), kind, str(max_steps), ckpt, str(accumulate)],
+        [sys.executable, str(script), str(tmp_path), kind, str(max_steps), ckpt, str(accumulate), precision],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -93,6 +96,15 @@ def test_hook_runs_on_gloo_where_lightnings_ddp_drops_it(tmp_path: Path) -> None
     assert lightning[0]["losses"] == plain[0]["losses"]  # Lightning silently ignored the fp16 hook on CPU
     assert ours[0]["losses"] != plain[0]["losses"]  # ours really compressed
     assert ours[0]["losses"][-1] == pytest.approx(plain[0]["losses"][-1], rel=0.02)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_with_fp32_gradients_compressed_once(tmp_path: Path) -> None:
+    ranks = run_ddp(tmp_path, "fp16", max_steps=10, precision="bf16-mixed")
+    # autocast leaves parameters and gradients in fp32: the hook casts them once, to fp16, for the wire
+    assert ranks[0]["steps"] == 10 and ranks[0]["ratio"] == pytest.approx(0.5)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
 
 
 @pytest.mark.slow
