@@ -782,7 +782,7 @@ def report_cost(runs: dict[str, list[dict[str, Any]]], plan: Plan) -> dict[str, 
     cost = statistics.median(run["median_step_seconds"] for run in runs["cost"])
     ratio = cost / plain
     plain_spread = statistics.median(run["tokens_spread"] for run in runs["plain"])
-    cost_spread = statistics.median(run["tokens_spread"] for run in runs["cost"])
+    even = statistics.median(run["tokens_spread"] for run in runs["cost"])
     print(
         "(the issue states no number for this part; the model computes on padded tokens, the loss counts the others, "
         "so equal tokens are equal work only where padding is not computed)"
@@ -791,7 +791,7 @@ def report_cost(runs: dict[str, list[dict[str, Any]]], plan: Plan) -> dict[str, 
         "runs": runs,
         "cost_vs_plain_step_time": ratio,
         "goals": [
-            goal(f"CostBalancer evens the ranks' tokens: {plain_spread:.1%} -> {cost_spread:.1%}", cost_spread < plain_spread),
+            goal(f"CostBalancer evens the ranks' tokens: spread {plain_spread:.1%} -> {even:.1%}", even < plain_spread),
             goal(f"CostBalancer step time below equal-count batches': {ratio:.3f}x", ratio < 1.0),
         ],
     }

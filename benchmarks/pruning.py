@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -534,12 +535,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds for parts 1 and 2 (default 3, quick 1)")
     parser.add_argument("--json", type=str, default=None, help="write the results here as JSON")
     parser.add_argument("--only", type=str, default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--gpt-steps", type=int, default=None, help="training steps of part 2 (default 600)")
     args = parser.parse_args()
     parts = [part.strip() for part in args.only.split(",") if part.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     plan = QUICK if args.quick else FULL
+    if args.gpt_steps is not None:
+        plan = dataclasses.replace(plan, gpt_steps=args.gpt_steps)
     seeds = list(range(args.seeds if args.seeds is not None else plan.seeds))
 
     # Lightning's per-Trainer info lines and the small-data warnings would bury the progress lines.
