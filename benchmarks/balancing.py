@@ -50,6 +50,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from common import elapsed, print_table, progress
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
@@ -142,27 +143,6 @@ QUICK = Plan(
     noise_run=False,
     stall_seconds=60.0,
 )
-
-_START = time.perf_counter()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(cell) for cell in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for index, row in enumerate(cells):
-        print(
-            "  ".join(
-                cell.ljust(width) if i == 0 else cell.rjust(width)
-                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
 
 
 def goal(description: str, met: bool) -> dict[str, Any]:
@@ -886,7 +866,7 @@ def main() -> None:
             report["parts"][name] = {"failed": str(error)}
         save()
     report["jobs"] = runner.records
-    report["total_seconds"] = time.perf_counter() - _START
+    report["total_seconds"] = elapsed()
     print(f"\ntotal: {report['total_seconds']:.0f}s")
     save()
 

@@ -52,6 +52,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from common import elapsed, print_table, progress
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (
@@ -171,27 +172,6 @@ QUICK = Plan(
     methods=("ddp", "torch_powersgd", "powersgd", "auto"),
     peers=("torch_batched_powersgd", "powersgd"),
 )
-
-_START = time.perf_counter()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(cell) for cell in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for index, row in enumerate(cells):
-        print(
-            "  ".join(
-                cell.ljust(width) if i == 0 else cell.rjust(width)
-                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
 
 
 def verdict(met: bool) -> str:
@@ -968,7 +948,7 @@ def main() -> None:
         report["peer_check"] = run_peer_check(runner, tag)
         save()
     report["gpu"] = run_gpu(plan)
-    report["total_seconds"] = time.perf_counter() - _START
+    report["total_seconds"] = elapsed()
     print(f"\ntotal: {report['total_seconds']:.0f}s")
     save()
 

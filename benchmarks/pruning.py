@@ -36,6 +36,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from common import elapsed, print_table, progress
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.nn import functional as F
@@ -119,12 +120,6 @@ QUICK = Plan(
     gpu_steps=40,
 )
 
-_START = time.perf_counter()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
@@ -132,21 +127,6 @@ def median(values: Sequence[float]) -> float:
 
 def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values)
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(cell) for cell in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for index, row in enumerate(cells):
-        print(
-            "  ".join(
-                cell.ljust(width) if i == 0 else cell.rjust(width)
-                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
 
 
 def goal(description: str, met: bool) -> str:
@@ -576,7 +556,7 @@ def main() -> None:
         if args.json:  # written after every part, so a long run that breaks keeps what it measured
             with open(args.json, "w") as file:
                 json.dump(report, file, indent=2)
-    report["total_seconds"] = time.perf_counter() - _START
+    report["total_seconds"] = elapsed()
     print(f"\ntotal: {report['total_seconds']:.0f}s")
     if args.json:
         with open(args.json, "w") as file:
