@@ -56,6 +56,7 @@ from typing_extensions import override
 
 from lightning_eff import EfficientDDPStrategy
 from lightning_eff.balancing import CostBalancer, ThroughputBalancer
+from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.tasks import TextDataModule, TinyGPT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -796,6 +797,7 @@ def machine_facts() -> str:
 
 
 def main() -> None:
+    destroy_process_group_at_exit()  # the plain-DDP peer runs need it too (gloo exit race)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke run (< 2 min)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")

@@ -65,6 +65,7 @@ from typing_extensions import override
 
 from lightning_eff import EfficientDDPStrategy
 from lightning_eff.compression import BF16, FP16, Auto, CompressionHook, Compressor, Int8, PowerSGD, TopK
+from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.tasks import TextDataModule, TinyGPT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -874,6 +875,7 @@ def parse_list(value: str, choices: Sequence[str], option: str, parser: argparse
 
 
 def main() -> None:
+    destroy_process_group_at_exit()  # the plain-DDP peer runs need it too (gloo exit race)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps and methods, 100mbit (a smoke run)")
     parser.add_argument("--links", default=None, help=f"comma-separated subset of {','.join(LINKS)}")

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from lightning_eff.config import CAPABILITY_GROUPS, ConfigError, ValidatedConfig, validate
+from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.hydra_config import config_dir
 from lightning_eff.progress import EpochProgressLog
 from lightning_eff.report import (
@@ -196,6 +197,7 @@ def train(cfg: DictConfig, run_dir: Path) -> list[ReportSection] | None:
 def run(cfg: DictConfig) -> None:
     """Hydra's task function: one clear line and exit status 2 for a bad config, no traceback."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    destroy_process_group_at_exit()  # plain DDP too: a gloo run must not abort after it finished
     try:
         train(cfg, run_dir)
     except ConfigError as error:

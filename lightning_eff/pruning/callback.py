@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, MaskApplier, Masks, compute_masks, parse_pattern
 from lightning_eff.pruning.plot import plot_pruning
 from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
@@ -147,6 +148,8 @@ class GradualPruning(L.Callback):
         # Before DDP wraps the model and optimizers are built: only names are resolved here, nothing is swapped.
         if stage == "fit" or not self.targets:
             self.targets = self.check_model(pl_module)
+        if trainer.world_size > 1:
+            destroy_process_group_at_exit()
         self._parameters = self._target_parameters(pl_module)
 
     def _target_parameters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from lightning_eff.balancing import BalancedBatchSampler, sample_weight
 from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer, require_balancer
 from lightning_eff.balancing.plot import plot_balance
 from lightning_eff.compression import COMPRESSORS, CompressionHook, CompressionStats, Compressor
+from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.report import ReportSection
 from lightning_eff.tasks.loading import batches_done_this_epoch
 from lightning_eff.validation import ConfigError, check_choice
@@ -86,6 +87,11 @@ class EfficientDDPStrategy(DDPStrategy):
         self._hook: CompressionHook | None = None
         self._restored_state: dict[str, Any] | None = None
         self._logged_step = -1
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        destroy_process_group_at_exit()  # Lightning does this for NCCL only; gloo runs can abort at exit without it
 
     @override
     def _register_ddp_hooks(self) -> None:

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lightning_eff.distributed import release_process_group
+
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, kwargs: dict[str, Any]) -> None:
     torch.set_num_threads(1)
@@ -29,7 +31,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, kwa
         result = fn(rank, world_size, **kwargs)
         torch.save(result, Path(workdir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        release_process_group()  # not a bare destroy: gloo's workers may still need the GIL (see the module)
 
 
 def run_ranks(

@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 from lightning_eff import EfficientDDPStrategy
 from lightning_eff.compression import FP16, PowerSGD
+from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP
 
 out, kind, max_steps, ckpt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -43,6 +44,7 @@ elif kind == "powersgd":
     strategy = EfficientDDPStrategy(compression=PowerSGD(rank=2, start_step=3))
 else:
     strategy = kind  # a registered name
+destroy_process_group_at_exit()  # the Lightning-DDP peers need it too (gloo exit race)
 L.seed_everything(0, verbose=False)
 record = Record()
 saver = ModelCheckpoint(dirpath=out + "/ckpt", save_top_k=-1, every_n_train_steps=15, filename="{step}")
