@@ -1,9 +1,17 @@
 """lightning_eff: Lightning callbacks and strategies that cut the compute cost of training large models."""
 
 from lightning_eff.pruning import GradualPruning
+from lightning_eff.quantization import QuantizationAwareTraining
 from lightning_eff.report import ReportContributor, ReportSection
 from lightning_eff.strategies import EfficientDDPStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["EfficientDDPStrategy", "GradualPruning", "ReportContributor", "ReportSection", "__version__"]
+__all__ = [
+    "EfficientDDPStrategy",
+    "GradualPruning",
+    "QuantizationAwareTraining",
+    "ReportContributor",
+    "ReportSection",
+    "__version__",
+]

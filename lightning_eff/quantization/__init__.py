@@ -1,1 +1,18 @@
-"""quantization: see the README's status table; this capability lands with its issue."""
+"""quantization: fake-quantized training (`QuantizationAwareTraining`) and conversion to a real low-bit model."""
+
+from lightning_eff.quantization.callback import QuantizationAwareTraining
+from lightning_eff.quantization.convert import QuantizedLinear, convert, load_quantized, save_quantized
+from lightning_eff.quantization.prepare import FakeQuantizedLinear, select_layers
+from lightning_eff.quantization.schemes import SCHEMES, QuantScheme
+
+__all__ = [
+    "SCHEMES",
+    "FakeQuantizedLinear",
+    "QuantScheme",
+    "QuantizationAwareTraining",
+    "QuantizedLinear",
+    "convert",
+    "load_quantized",
+    "save_quantized",
+    "select_layers",
+]

@@ -1,0 +1,232 @@
+"""QuantizationAwareTraining: train with fake quantization, then convert to a real low-bit model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+from lightning_eff.distributed import destroy_process_group_at_exit
+from lightning_eff.quantization.convert import convert, save_quantized, weight_bytes
+from lightning_eff.quantization.measure import inference_seconds, test_metrics
+from lightning_eff.quantization.prepare import select_layers, set_fake_quantize, swap_in_fake_quantized
+from lightning_eff.quantization.schemes import SCHEMES
+from lightning_eff.report import ReportSection, state_dict_bytes
+from lightning_eff.validation import check, check_choice, check_int
+
+FLOAT, FAKE_QUANT = "float", "fake_quant"
+
+
+class QuantizationAwareTraining(L.Callback):
+    r"""Quantization-aware training for the model's Linear layers, and conversion to integers at the end.
+
+    In `setup` (before DDP wraps the model and optimizers are built) the chosen Linear layers become
+    `FakeQuantizedLinear`\ s that hold the same Parameters, so checkpoints, optimizers and `GradualPruning`
+    masks see the usual names. Until `start_step` they run in float; from then on their forward rounds
+    weights (and, for dynamic schemes, activations) to the scheme's grid with straight-through gradients.
+    After fit, rank 0 converts an unwrapped copy to `QuantizedLinear`\ s holding integers
+    (`quantized_model`), after the last checkpoint was written; the training model stays fake-quantized, so
+    ``Trainer.test(ckpt_path=...)`` and resuming work as before.
+
+    Args:
+        scheme: ``int8_dynamic_act_int4_weight``, ``int4_weight_only``, ``int8_weight_only`` or ``int8_dynamic``
+            (see `quantization.schemes`).
+        group_size: input columns per weight scale for the int4 schemes; must divide every quantized layer's
+            input width.
+        start_step: optimizer step at which fake quantization starts (train in float before).
+        include: module-name globs of Linear layers to quantize; default: every Linear except the last one
+            registered, the output head, whose rounding costs the most accuracy for the fewest bytes.
+        exclude: module-name globs to leave in float.
+        convert_on_fit_end: build `quantized_model` after fit.
+        export_path: where rank 0 writes the converted model (`torch.export` format) after fit; load it with
+            `lightning_eff.quantization.load_quantized`, without the training code.
+
+    The fake quantizer is plain elementwise PyTorch with no graph breaks: compile the LightningModule
+    (``torch.compile(model)``) to fuse it, which is where its cost nearly vanishes on a GPU.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[QuantizationAwareTraining("int8_dynamic_act_int4_weight", start_step=100)])
+    """
+
+    def __init__(
+        self,
+        scheme: str = "int8_dynamic_act_int4_weight",
+        group_size: int = 32,
+        start_step: int = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        convert_on_fit_end: bool = True,
+        export_path: str | None = None,
+    ) -> None:
+        check_choice("scheme", scheme, tuple(SCHEMES))
+        check_int("group_size", group_size, 1)
+        check_int("start_step", start_step, 0)
+        check(export_path is None or convert_on_fit_end, "export_path", export_path,
+              "needs convert_on_fit_end=true: only a converted model is exported")  # fmt: skip
+        self.scheme = SCHEMES[scheme]
+        self.group_size = group_size
+        self.start_step = start_step
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.convert_on_fit_end = convert_on_fit_end
+        self.export_path = export_path
+
+        self.layers: list[str] = []
+        self.phase = FLOAT
+        self.phase_changed_at: int | None = None
+        self.quantized_model: nn.Module | None = None
+        self._example: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._capture: Any = None
+        self._float_bytes = 0
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+
+    def check_model(self, model: nn.Module) -> list[str]:
+        """The layers this run quantizes; a bad include/exclude/group_size raises `ConfigError`."""
+        return select_layers(model, self.scheme, self.group_size, self.include, self.exclude)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if pl_module is self.quantized_model:
+            return
+        self.layers = self.check_model(pl_module)
+        self._float_bytes = state_dict_bytes(pl_module)
+        swap_in_fake_quantized(pl_module, self.layers, self.scheme, self.group_size)
+        set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
+        if trainer.world_size > 1:
+            destroy_process_group_at_exit()
+        if self._capture is None:  # one real input, to time inference before and after conversion
+            self._capture = pl_module.register_forward_pre_hook(self._remember_input, with_kwargs=True)
+
+    def _remember_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        detach = lambda value: value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value  # noqa: E731
+        self._example = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
+        self._capture.remove()
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After a resume Lightning has restored global_step and this callback's phase by now.
+        self._set_phase(trainer, pl_module, FAKE_QUANT if trainer.global_step >= self.start_step else FLOAT)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.phase == FLOAT and trainer.global_step >= self.start_step:
+            self._set_phase(trainer, pl_module, FAKE_QUANT)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module is not self.quantized_model:
+            set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
+
+    def _set_phase(self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str) -> None:
+        set_fake_quantize(pl_module, phase == FAKE_QUANT)
+        if phase == self.phase:
+            return
+        self.phase, self.phase_changed_at = phase, trainer.global_step
+        rank_zero_info(f"QuantizationAwareTraining: {phase} from step {trainer.global_step} ({self.scheme.name})")
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"quantization/fake_quant": float(phase == FAKE_QUANT)}, step=trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the last checkpoint: ModelCheckpoint saves in batch/epoch/validation hooks, all before this one.
+        if not self.convert_on_fit_end or not trainer.is_global_zero:
+            return
+        self.quantized_model = convert(pl_module)
+        if self.export_path is not None:
+            if self._example is None:
+                raise RuntimeError("export_path needs one forward call of the model to trace; none was seen")
+            args, kwargs = self._example
+            if kwargs:
+                raise RuntimeError(
+                    "export_path: the model's forward was called with keyword arguments, which the export does "
+                    "not trace; call forward(*args) or save `quantized_model` yourself"
+                )
+            path = save_quantized(self.quantized_model.cpu(), self.export_path, args)
+            rank_zero_info(f"QuantizationAwareTraining: wrote the {self.scheme.name} model to {path}")
+
+    # --- checkpointing -------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme.name,
+            "group_size": self.group_size,
+            "layers": list(self.layers),
+            "phase": self.phase,
+            "phase_changed_at": self.phase_changed_at,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["scheme"] != self.scheme.name or state_dict["group_size"] != self.group_size:
+            raise ValueError(
+                f"the checkpoint was trained with scheme={state_dict['scheme']} group_size={state_dict['group_size']}, "
+                f"this run uses scheme={self.scheme.name} group_size={self.group_size}"
+            )
+        if self.layers and list(state_dict["layers"]) != self.layers:
+            raise ValueError(f"the checkpoint quantized layers {state_dict['layers']}, this run {self.layers}")
+        self.phase = state_dict["phase"]
+        self.phase_changed_at = state_dict["phase_changed_at"]
+
+    # --- report --------------------------------------------------------------------------------------
+
+    def float_model(self, pl_module: nn.Module) -> nn.Module:
+        """A copy of `pl_module` running its quantized layers in float: the 'before' of the report."""
+        copied = copy.deepcopy(pl_module).cpu().eval()
+        set_fake_quantize(copied, False)
+        return copied
+
+    def report_section(self, trainer: L.Trainer, run_dir: Path) -> ReportSection | None:
+        """Scheme, bytes, CPU inference time and the task's test metrics, before and after conversion."""
+        if self.quantized_model is None:
+            return None
+        pl_module = trainer.lightning_module
+        converted = self.quantized_model.cpu()
+        stored, fp32 = weight_bytes(converted)
+        summary: dict[str, Any] = {
+            "scheme": self.scheme.name,
+            "group_size": self.scheme.weight_group_size(self.group_size),
+            "quantized_layers": len(self.layers),
+            "fake_quant_from_step": self.phase_changed_at if self.phase == FAKE_QUANT else None,
+            "weight_bytes_fp32": fp32,
+            "weight_bytes_quantized": stored,
+            "weight_size_ratio": stored / fp32,
+            "model_bytes_fp32": self._float_bytes,
+            "model_bytes_quantized": state_dict_bytes(converted),
+        }
+        if self._example is not None:
+            args, kwargs = self._example
+            before = inference_seconds(self.float_model(pl_module), args, kwargs)
+            after = inference_seconds(converted, args, kwargs)
+            summary.update(inference_ms_fp32=1e3 * before, inference_ms_quantized=1e3 * after,
+                           inference_speedup=before / after)  # fmt: skip
+        datamodule = getattr(trainer, "datamodule", None)
+        rows: list[dict[str, Any]] = []
+        if (
+            isinstance(converted, L.LightningModule)
+            and is_overridden("test_step", converted)
+            and isinstance(datamodule, L.LightningDataModule)
+            and is_overridden("test_dataloader", datamodule)
+        ):
+            fake = copy.deepcopy(pl_module)
+            set_fake_quantize(fake, self.phase == FAKE_QUANT)
+            before_metrics, after_metrics = test_metrics(fake, datamodule), test_metrics(converted, datamodule)
+            rows = [{"metric": key, "fake_quantized": before_metrics[key], "converted": after_metrics.get(key)}
+                    for key in before_metrics]  # fmt: skip
+        return ReportSection(name="quantization", summary=summary, rows=rows)

@@ -1,0 +1,203 @@
+"""Conversion of a fake-quantized model to a real low-bit one, and its save/load without the training code.
+
+What is stored is what the scheme promises: int8 weights with one scale per output row, or int4 weights
+packed two per byte with one scale per group, so the saved file is 1/4 to 1/6 of fp32. How the stored
+weights are multiplied was chosen by measuring this CPU (2-core x86, torch 2.13; `benchmarks/quantization.py`):
+
+- int8 activations x int8 weights (``int8_dynamic``): a real integer matmul, `torch._int_mm` (int8 x int8 ->
+  int32) on per-token activations, 3.7x faster than fp32 for a 256x1024 layer. torchao's int8 tensors took
+  0.7-1.6x the fp32 time and `_weight_int8pack_mm` with fp32 activations 35x: not used.
+- weight-only schemes and int4 weights: this CPU has no fast kernel that keeps int4 or int8 weights packed
+  (`_weight_int4pack_mm_for_cpu` 1.5x faster than fp32 with bf16 inputs, 77x slower with fp32; torchao's
+  Intx paths 1.0-1.6x slower), so the integers are dequantized to bf16 and multiplied in bf16, which this CPU
+  does 3.5x faster than fp32. In eager mode the bf16 weight is built once and cached (not saved: the saved
+  form stays the integers); an exported or compiled model dequantizes inside its graph on every call. For
+  ``int8_dynamic_act_int4_weight`` the activations are still rounded per token to int8, as in training
+  (integers up to 255 are exact in bf16).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_eff.quantization.fake_quant import activation_integers, activation_qparams, quantize_weight
+from lightning_eff.quantization.prepare import FakeQuantizedLinear
+from lightning_eff.quantization.schemes import SCHEMES, QuantScheme
+
+FORMAT = "lightning_eff.quantized/1"
+
+
+def pack_int4(integers: Tensor) -> Tensor:
+    """Two int4 values (in [-8, 7]) per byte: column j in the low nibble, column j + width/2 in the high one."""
+    half = integers.shape[-1] // 2
+    nibbles = integers.to(torch.uint8) & 0xF
+    return nibbles[..., :half] | (nibbles[..., half:] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The inverse of `pack_int4`: int8 values in [-8, 7] (arithmetic shifts restore the sign)."""
+    signed = packed.view(torch.int8)
+    return torch.cat(((signed << 4) >> 4, signed >> 4), dim=-1)
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer that holds its weight as integers and scales (see the module docstring for the matmul).
+
+    Buffers (the saved state): ``qweight`` (int8 [out, in], or uint8 [out, in/2] with two int4 per byte),
+    ``scales`` (float32 [out, groups]) and ``bias`` (float, if any).
+    """
+
+    qweight: Tensor
+    scales: Tensor
+    bias: Tensor | None
+    row_sums: Tensor | None
+
+    def __init__(
+        self, in_features: int, out_features: int, scheme: QuantScheme, group_size: int | None, bias: bool
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.group_size = group_size
+        packed_width = in_features // 2 if scheme.weight_bits == 4 else in_features
+        dtype = torch.uint8 if scheme.weight_bits == 4 else torch.int8
+        groups = 1 if group_size is None else in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width, dtype=dtype))
+        self.register_buffer("scales", torch.ones(out_features, groups))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # sum_k w_k per output row, for the zero-point correction of the integer matmul (4 bytes a row)
+        integer_matmul = scheme.activation_bits is not None and scheme.weight_bits == 8
+        self.register_buffer("row_sums", torch.zeros(out_features, dtype=torch.int32) if integer_matmul else None)
+        self._bf16_weight: Tensor | None = None  # eager-mode cache of the dequantized weight; never saved
+
+    @classmethod
+    def from_fake_quantized(cls, layer: FakeQuantizedLinear) -> QuantizedLinear:
+        """Round `layer`'s float weight exactly as its fake quantizer does and store the integers."""
+        quantized = cls(layer.in_features, layer.out_features, layer.scheme, layer.group_size, layer.bias is not None)
+        integers, scales = quantize_weight(layer.weight, layer.scheme.weight_bits, layer.group_size)
+        quantized.qweight = pack_int4(integers) if layer.scheme.weight_bits == 4 else integers
+        quantized.scales = scales
+        if quantized.row_sums is not None:
+            quantized.row_sums = integers.sum(dim=1, dtype=torch.int32)
+        if layer.bias is not None:
+            quantized.bias = layer.bias.detach().clone()
+        return quantized.to(layer.weight.device)
+
+    def integer_weight(self) -> Tensor:
+        """The weight's integers, int8 [out, in]."""
+        return unpack_int4(self.qweight) if self.scheme.weight_bits == 4 else self.qweight
+
+    def dequantized_weight(self) -> Tensor:
+        """integers x scales, float32 [out, in]: the weight the fake-quantized model trained with."""
+        integers = self.integer_weight().float()
+        groups = self.scales.shape[1]
+        grouped = integers.reshape(self.out_features, groups, -1) * self.scales.unsqueeze(-1)
+        return grouped.reshape(self.out_features, self.in_features)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
+        self._bf16_weight = None  # moved or cast: rebuilt from the integers on the next call
+        return super()._apply(fn, recurse)
+
+    def bf16_weight(self) -> Tensor:
+        """The dequantized weight in bf16: cached in eager mode, recomputed inside export and compile."""
+        if torch.compiler.is_compiling():
+            return self.dequantized_weight().to(torch.bfloat16)
+        if self._bf16_weight is None:
+            self._bf16_weight = self.dequantized_weight().to(torch.bfloat16)
+        return self._bf16_weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.row_sums is not None:
+            return self._integer_matmul(x)
+        weight = self.bf16_weight()
+        if self.scheme.activation_bits is None:
+            out = F.linear(x.to(torch.bfloat16), weight)
+        else:
+            bits = self.scheme.activation_bits
+            scale, zero_point = activation_qparams(x, bits)
+            centred = activation_integers(x, scale, zero_point, bits) - zero_point
+            out = F.linear(centred.to(torch.bfloat16), weight).float() * scale
+        out = out.to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def _integer_matmul(self, x: Tensor) -> Tensor:
+        """int8 per-token activations x int8 weights in int32, then one float rescale per output."""
+        assert self.scheme.activation_bits is not None and self.row_sums is not None
+        bits = self.scheme.activation_bits
+        rows = x.reshape(-1, self.in_features).float()
+        scale, zero_point = activation_qparams(rows, bits)
+        integers = activation_integers(rows, scale, zero_point, bits).to(torch.int8)
+        accumulated = torch._int_mm(integers, self.qweight.t())
+        # sum_k (q_k - z) w_k = sum_k q_k w_k - z * sum_k w_k: the zero point costs one row sum, paid once.
+        centred = accumulated.float() - zero_point * self.row_sums.float()
+        out = centred * scale * self.scales.reshape(1, -1)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every `FakeQuantizedLinear` replaced by a `QuantizedLinear`, in eval mode."""
+    converted = copy.deepcopy(model).eval()
+    for name, module in list(converted.named_modules()):
+        if isinstance(module, FakeQuantizedLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(converted.get_submodule(parent_name), child, QuantizedLinear.from_fake_quantized(module))
+    for parameter in converted.parameters():
+        parameter.requires_grad_(False)
+    return converted
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the quantized layers' weights as saved: integers, scales, row sums; the same weights in fp32).
+
+    Biases are not quantized (as in torchao) and count in the whole model's bytes, not here.
+    """
+    stored = fp32 = 0
+    for layer in quantized_layers(model).values():
+        parts = (layer.qweight, layer.scales, layer.row_sums)
+        stored += sum(t.numel() * t.element_size() for t in parts if t is not None)
+        fp32 += 4 * layer.in_features * layer.out_features
+    return stored, fp32
+
+
+def save_quantized(model: nn.Module, path: str | Path, example_args: tuple[Any, ...]) -> Path:
+    """Write `model` as a `torch.export` program (no Python class needed to load it), batch size dynamic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, Tensor) else None for a in example_args)
+    program = torch.export.export(model.eval(), example_args, dynamic_shapes=dynamic)
+    torch.export.save(program, str(path), extra_files={"format": FORMAT, "scheme": _scheme_names(model)})
+    return path
+
+
+def _scheme_names(model: nn.Module) -> str:
+    return ",".join(sorted({layer.scheme.name for layer in quantized_layers(model).values()}))
+
+
+def load_quantized(path: str | Path) -> nn.Module:
+    """The model `save_quantized` (or `QuantizationAwareTraining(export_path=...)`) wrote, ready to call."""
+    extra = {"format": "", "scheme": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    if extra["format"] != FORMAT:
+        raise ValueError(f"{path} is not a lightning_eff quantized model (format {extra['format']!r})")
+    unknown = [name for name in extra["scheme"].split(",") if name and name not in SCHEMES]
+    if unknown:
+        raise ValueError(f"{path} uses schemes this version does not know: {unknown}")
+    return program.module()

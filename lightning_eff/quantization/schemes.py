@@ -1,0 +1,56 @@
+"""The named quantization schemes: what is fake-quantized in training and what the converted model stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """One scheme.
+
+    Args:
+        name: the scheme's name, as `QuantizationAwareTraining(scheme=...)` and ``quantization=`` take it.
+        weight_bits: 4 or 8; weights are symmetric (a zero weight stays zero).
+        grouped: weights have one scale per `group_size` input columns (int4) rather than one per output row.
+        activation_bits: 8 for int8 activations quantized per token at run time ("dynamic"), None for
+            weight-only schemes that keep float activations.
+    """
+
+    name: str
+    weight_bits: int
+    grouped: bool
+    activation_bits: int | None
+
+    def weight_group_size(self, group_size: int) -> int | None:
+        """The group size the weights use: `group_size` for grouped schemes, None (a whole row) otherwise."""
+        return group_size if self.grouped else None
+
+    def torchao_config(self, group_size: int) -> Any:
+        """torchao's base config for the same scheme: the peer in the benchmark, and its PTQ/QAT path."""
+        from torchao.quantization import (
+            Int8DynamicActivationIntxWeightConfig,
+            IntxWeightOnlyConfig,
+        )
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        granularity = PerGroup(group_size) if self.grouped else PerAxis(0)
+        int4 = torch.int4  # type: ignore[attr-defined]  # in torch since 2.3, not in its stubs
+        dtype = int4 if self.weight_bits == 4 else torch.int8
+        if self.activation_bits is None:
+            return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity)
+
+
+SCHEMES: dict[str, QuantScheme] = {
+    scheme.name: scheme
+    for scheme in (
+        QuantScheme("int8_dynamic_act_int4_weight", weight_bits=4, grouped=True, activation_bits=8),
+        QuantScheme("int4_weight_only", weight_bits=4, grouped=True, activation_bits=None),
+        QuantScheme("int8_weight_only", weight_bits=8, grouped=False, activation_bits=None),
+        QuantScheme("int8_dynamic", weight_bits=8, grouped=False, activation_bits=8),
+    )
+}
