@@ -3,7 +3,8 @@
 This is a plain Lightning script with its own model and data (scikit-learn's digits). lightning_eff's
 callbacks go into `callbacks=[...]` and its strategy into `strategy=...`; `suite_callbacks()` and
 `suite_strategy()` below are where they are built. It trains on 2 CPU processes (gloo) with gradual
-pruning, PowerSGD gradient compression and throughput-balanced batches.
+pruning, quantization-aware training (converted to int4 weights at the end), PowerSGD gradient compression
+and throughput-balanced batches.
 Run: `.venv/bin/python examples/existing_trainer.py`.
 """
 
@@ -15,7 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eff import EfficientDDPStrategy, GradualPruning
+from lightning_eff import EfficientDDPStrategy, GradualPruning, QuantizationAwareTraining
 from lightning_eff.balancing import ThroughputBalancer
 from lightning_eff.compression import PowerSGD
 
@@ -47,8 +48,11 @@ def digits_loader() -> DataLoader:
 
 
 def suite_callbacks() -> list[L.Callback]:
-    """lightning_eff's callbacks: 60% of the Linear weights pruned on a cubic schedule."""
-    return [GradualPruning(target_sparsity=0.6, update_every=10)]
+    """lightning_eff's callbacks: 60% of the Linear weights pruned on a cubic schedule, then QAT (int4 weights)."""
+    return [
+        GradualPruning(target_sparsity=0.6, update_every=10),
+        QuantizationAwareTraining("int8_dynamic_act_int4_weight", start_step=150),
+    ]
 
 
 def suite_strategy() -> L.pytorch.strategies.Strategy:
@@ -73,6 +77,8 @@ def main() -> None:
     trainer.fit(MyClassifier(), train_dataloaders=digits_loader())
     if trainer.is_global_zero:
         pruning = next(c for c in trainer.callbacks if isinstance(c, GradualPruning))  # type: ignore[attr-defined]
+        qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))  # type: ignore[attr-defined]
+        print(f"quantized={type(qat.quantized_model.get_submodule('net.1')).__name__}")  # type: ignore[union-attr]
         print(f"sparsity={pruning.sparsity:.3f}")
         print(f"final train_loss={float(trainer.callback_metrics['train_loss']):.4f}")
 

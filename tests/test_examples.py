@@ -16,5 +16,6 @@ def test_existing_trainer_example_trains() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
+    assert lines[-3] == "quantized=QuantizedLinear"  # QAT converted the hidden layer after fit
     assert float(lines[-2].split("=")[1]) == pytest.approx(0.6, abs=0.005)  # GradualPruning reached its target
     assert float(lines[-1].split("=")[1]) < 0.5  # it learned: ln(10) = 2.3 at chance
