@@ -226,7 +226,9 @@ class QuantizationAwareTraining(L.Callback):
         ):
             fake = copy.deepcopy(pl_module)
             set_fake_quantize(fake, self.phase == FAKE_QUANT)
-            before_metrics, after_metrics = test_metrics(fake, datamodule), test_metrics(converted, datamodule)
+            limit = trainer.limit_test_batches if trainer.limit_test_batches is not None else 1.0
+            before_metrics = test_metrics(fake, datamodule, limit)
+            after_metrics = test_metrics(converted, datamodule, limit)
             rows = [{"metric": key, "fake_quantized": before_metrics[key], "converted": after_metrics.get(key)}
                     for key in before_metrics]  # fmt: skip
         return ReportSection(name="quantization", summary=summary, rows=rows)

@@ -38,8 +38,10 @@ def _without_metric_sync(module: L.LightningModule) -> L.LightningModule:
     return module
 
 
-def test_metrics(module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
-    """The module's own `test_step` metrics over the whole test set, in this process alone, on the CPU.
+def test_metrics(
+    module: L.LightningModule, datamodule: L.LightningDataModule, limit_batches: int | float = 1.0
+) -> dict[str, float]:
+    """The module's own `test_step` metrics over the test set (or `limit_batches` of it), in this process alone.
 
     A separate single-device Trainer with no callbacks and no logger, so it can run on rank 0 of a
     finished DDP job without a collective, and the caller's Trainer and callbacks are left as they were.
@@ -51,6 +53,7 @@ def test_metrics(module: L.LightningModule, datamodule: L.LightningDataModule) -
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[],
+        limit_test_batches=limit_batches,
     )
     results = evaluator.test(_without_metric_sync(module).cpu(), datamodule=datamodule, verbose=False)
     return {key: float(value) for key, value in results[0].items()} if results else {}

@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SBATCH = REPO / "examples" / "slurm" / "train.sbatch"
-# The small GPT with pruning: long enough (about a minute on 2 cores) to be signalled mid-training.
+# The small GPT with pruning and QAT: long enough (about a minute on 2 cores) to be signalled mid-training.
 PRUNED_GPT = [
     "experiment=text_gpt",
     "trainer.max_steps=160",
@@ -24,6 +24,8 @@ PRUNED_GPT = [
     "model.d_model=64",
     "pruning=gradual_magnitude",
     "pruning.update_every=10",
+    "quantization=int8_dynamic_act_int4_weight",
+    "quantization.start_step=80",
 ]
 
 
@@ -124,6 +126,10 @@ def test_requeued_job_resumes_every_plugin_and_matches_an_uninterrupted_run(
     assert ours["pruning"]["summary"]["mask_updates"] == theirs["pruning"]["summary"]["mask_updates"]
     assert ours["run"]["summary"]["test_loss"] == pytest.approx(theirs["run"]["summary"]["test_loss"], abs=1e-5)
     assert ours["run"]["summary"]["global_step"] == 160
+    assert ours["quantization"]["summary"]["fake_quant_from_step"] == 80  # the QAT phase survived the requeue
+    for mine, reference_row in zip(ours["quantization"]["rows"], theirs["quantization"]["rows"], strict=True):
+        assert mine["metric"] == reference_row["metric"]
+        assert mine["converted"] == pytest.approx(reference_row["converted"], abs=1e-5)
     masks, reference_masks = _final_masks(requeued), _final_masks(uninterrupted)
     assert masks.keys() == reference_masks.keys()
     assert all(torch.equal(masks[name], reference_masks[name]) for name in masks)
