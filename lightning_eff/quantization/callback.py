@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.quantization.convert import convert, save_quantized, weight_bytes
-from lightning_eff.quantization.measure import inference_seconds, test_metrics
+from lightning_eff.quantization.measure import evaluate_test_set, inference_seconds
 from lightning_eff.quantization.prepare import select_layers, set_fake_quantize, swap_in_fake_quantized
 from lightning_eff.quantization.schemes import SCHEMES
 from lightning_eff.report import ReportSection, state_dict_bytes
@@ -227,8 +227,8 @@ class QuantizationAwareTraining(L.Callback):
             fake = copy.deepcopy(pl_module)
             set_fake_quantize(fake, self.phase == FAKE_QUANT)
             limit = trainer.limit_test_batches if trainer.limit_test_batches is not None else 1.0
-            before_metrics = test_metrics(fake, datamodule, limit)
-            after_metrics = test_metrics(converted, datamodule, limit)
+            before_metrics = evaluate_test_set(fake, datamodule, limit)
+            after_metrics = evaluate_test_set(converted, datamodule, limit)
             rows = [{"metric": key, "fake_quantized": before_metrics[key], "converted": after_metrics.get(key)}
                     for key in before_metrics]  # fmt: skip
         return ReportSection(name="quantization", summary=summary, rows=rows)

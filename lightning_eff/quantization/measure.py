@@ -38,7 +38,7 @@ def _without_metric_sync(module: L.LightningModule) -> L.LightningModule:
     return module
 
 
-def test_metrics(
+def evaluate_test_set(
     module: L.LightningModule, datamodule: L.LightningDataModule, limit_batches: int | float = 1.0
 ) -> dict[str, float]:
     """The module's own `test_step` metrics over the test set (or `limit_batches` of it), in this process alone.

@@ -15,7 +15,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_eff import GradualPruning, QuantizationAwareTraining
 from lightning_eff.quantization import FakeQuantizedLinear, QuantizedLinear, load_quantized
-from lightning_eff.tasks import DigitsDataModule, DigitsMLP
+from lightning_eff.quantization.measure import evaluate_test_set
+from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
 
 QUIET: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu"}
 
@@ -184,3 +185,19 @@ def test_export_path_writes_a_model_that_loads_without_the_training_code(tmp_pat
     with torch.no_grad():
         assert torch.allclose(loaded(images), callback.quantized_model(images), atol=1e-5)
     assert "DigitsMLP" not in type(loaded).__name__
+
+
+@pytest.mark.slow
+def test_converted_gpt_keeps_the_validation_loss_within_one_percent() -> None:
+    callback = QuantizationAwareTraining("int8_dynamic_act_int4_weight", start_step=20)
+    L.seed_everything(0, verbose=False)
+    model = TinyGPT(d_model=64, seq_len=64)
+    datamodule = TextDataModule(seq_len=64, max_bytes=200_000)
+    trainer = L.Trainer(callbacks=[callback], max_steps=60, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, **QUIET)  # fmt: skip
+    trainer.fit(model, datamodule=datamodule)
+    assert callback.quantized_model is not None
+    fake = evaluate_test_set(model, datamodule, limit_batches=10)["test_loss"]
+    converted = evaluate_test_set(callback.quantized_model, datamodule, limit_batches=10)["test_loss"]
+    assert fake < 4.0  # it learned something: ln(256) = 5.5 at chance
+    assert abs(converted - fake) <= 0.01 * fake
