@@ -6,6 +6,8 @@ arguments so that Python users get the same messages as command-line users.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from typing import Any
 
 
@@ -49,3 +51,19 @@ def check_fraction(key: str, value: float, low_open: bool = True, high_open: boo
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+def match_globs(names: Iterable[str], patterns: Iterable[str], key: str, kind: str) -> set[str]:
+    """The `names` that match any of the glob `patterns`.
+
+    A pattern that matches none is a `ConfigError` listing the names (`kind` says what they are, e.g.
+    "prunable layer"), so a typo in include/exclude fails before training instead of doing nothing.
+    """
+    names = list(names)
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = {name for name in names if fnmatchcase(name, pattern)}
+        if not hits:
+            raise ConfigError(key, pattern, f"matches no {kind}; layers: {', '.join(names)}")
+        matched |= hits
+    return matched

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 from torch import nn
 
 from lightning_eff.pruning.export import shrinkable_producers
-from lightning_eff.validation import ConfigError
+from lightning_eff.validation import ConfigError, match_globs
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,16 +50,6 @@ def _input_width(layer: nn.Module) -> int:
     return int(weight.shape[1])
 
 
-def _matching(names: list[str], patterns: list[str], key: str, available: list[str]) -> set[str]:
-    matched: set[str] = set()
-    for pattern in patterns:
-        hits = {name for name in names if fnmatchcase(name, pattern)}
-        if not hits:
-            raise ConfigError(key, pattern, f"matches no prunable layer; layers: {', '.join(available)}")
-        matched |= hits
-    return matched
-
-
 def select_targets(
     model: nn.Module,
     granularity: str,
@@ -78,13 +67,13 @@ def select_targets(
     layers = {name: module for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
     available = list(layers)
     if include:
-        chosen = _matching(available, include, "include", available)
+        chosen = match_globs(available, include, "include", "prunable layer")
     elif granularity == "channels":
         chosen = set(shrinkable_producers(model))
     else:
         chosen = set(available)
     if exclude:
-        chosen -= _matching(available, exclude, "exclude", available)
+        chosen -= match_globs(available, exclude, "exclude", "prunable layer")
     if granularity == "n:m" and group_size is not None:
         unfit = sorted(
             name

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_eff.quantization.fake_quant import fake_quantize_activation, fake_quantize_weight
 from lightning_eff.quantization.schemes import QuantScheme
-from lightning_eff.validation import ConfigError
+from lightning_eff.validation import ConfigError, match_globs
 
 
 class FakeQuantizedLinear(nn.Linear):
@@ -54,16 +52,6 @@ def _quantizable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, FakeQuantizedLinear)
 
 
-def _matching(names: list[str], patterns: list[str], key: str) -> set[str]:
-    matched: set[str] = set()
-    for pattern in patterns:
-        hits = {name for name in names if fnmatchcase(name, pattern)}
-        if not hits:
-            raise ConfigError(key, pattern, f"matches no Linear layer; layers: {', '.join(names)}")
-        matched |= hits
-    return matched
-
-
 def select_layers(
     model: nn.Module,
     scheme: QuantScheme,
@@ -81,9 +69,9 @@ def select_layers(
     linears = [name for name, module in model.named_modules() if name and _quantizable(module)]
     if not linears:
         raise ConfigError("include", include, "the model has no nn.Linear layer to quantize")
-    chosen = _matching(linears, include, "include") if include else set(linears[:-1] or linears)
+    chosen = match_globs(linears, include, "include", "Linear layer") if include else set(linears[:-1] or linears)
     if exclude:
-        chosen -= _matching(linears, exclude, "exclude")
+        chosen -= match_globs(linears, exclude, "exclude", "Linear layer")
     if not chosen:
         raise ConfigError("exclude", exclude, f"leaves no layer to quantize; layers: {', '.join(linears)}")
     selected = [name for name in linears if name in chosen]
