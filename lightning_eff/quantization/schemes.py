@@ -1,4 +1,18 @@
-"""The named quantization schemes: what is fake-quantized in training and what the converted model stores."""
+"""The named quantization schemes: what is fake-quantized in training and what the converted model stores.
+
+Why the pieces behind each name are ours and torchao is the reference, not the backend (torchao 0.18,
+torch 2.13, measured on this project's 2-core x86 CPU; `benchmarks/quantization.py`, `../shared/anchors.md`):
+
+- training: torchao's `QATConfig` accepts the Intx bases below but refuses `Int8WeightOnlyConfig` and
+  `Int8DynamicActivationInt8WeightConfig` ("Unexpected base config"), and its fake quantizers cost 2.85-3.05x
+  the float step on an H100 where a plain elementwise one costs 1.04x compiled. `fake_quant.py` reproduces
+  torchao's forward bit for bit (a test runs both) for all four schemes;
+- conversion: torchao's converted Intx and Int8 models ran 1.0-2.6x *slower* than fp32 here, and this wheel
+  ships none of its fast CPU kernels; `convert.py` uses `torch._int_mm` and bf16 matmuls (its docstring has
+  the figures).
+
+`QuantScheme.torchao_config` gives torchao's config for the same scheme, for the benchmark and the tests.
+"""
 
 from __future__ import annotations
 
