@@ -103,13 +103,12 @@ class QuantizationAwareTraining(L.Callback):
         set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
         if trainer.world_size > 1:
             destroy_process_group_at_exit()
-        if self._capture is None:  # one real input, to time inference before and after conversion
-            self._capture = pl_module.register_forward_pre_hook(self._remember_input, with_kwargs=True)
 
     def _remember_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         detach = lambda value: value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value  # noqa: E731
         self._example = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
         self._capture.remove()
+        self._capture = None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -122,6 +121,10 @@ class QuantizationAwareTraining(L.Callback):
     ) -> None:
         if self.phase == FLOAT and trainer.global_step >= self.start_step:
             self._set_phase(trainer, pl_module, FAKE_QUANT)
+        if self._example is None and self._capture is None:
+            # The first training batch's forward input (not the model summary's example_input_array): it times
+            # inference before and after conversion and traces the export.
+            self._capture = pl_module.register_forward_pre_hook(self._remember_input, with_kwargs=True)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -104,12 +104,18 @@ class QuantizedLinear(nn.Module):
         self._bf16_weight = None  # moved or cast: rebuilt from the integers on the next call
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._bf16_weight = None  # new integers are copied into the buffers in place
+        super()._load_from_state_dict(*args, **kwargs)
+
     def bf16_weight(self) -> Tensor:
         """The dequantized weight in bf16: cached in eager mode, recomputed inside export and compile."""
         if torch.compiler.is_compiling():
             return self.dequantized_weight().to(torch.bfloat16)
         if self._bf16_weight is None:
-            self._bf16_weight = self.dequantized_weight().to(torch.bfloat16)
+            # a normal tensor even when first called under inference_mode, so later autograd calls can use it
+            with torch.inference_mode(False), torch.no_grad():
+                self._bf16_weight = self.dequantized_weight().to(torch.bfloat16)
         return self._bf16_weight
 
     def forward(self, x: Tensor) -> Tensor:

@@ -160,6 +160,14 @@ def test_keyword_arguments_to_forward_pass_through(tmp_path: Path) -> None:
     assert model.temperatures[-1] == 2.0
 
 
+def test_inference_is_timed_on_a_training_batch_not_the_model_summary_example() -> None:
+    callback = QuantizationAwareTraining("int8_dynamic")
+    fit([callback], max_steps=2, enable_model_summary=True)  # the summary runs forward on example_input_array
+    assert callback._example is not None
+    (images,), _ = callback._example
+    assert images.shape[0] == 64 and images.abs().sum() > 0  # a batch of digits, not 2 zeros
+
+
 def test_pruning_and_qat_compose_and_pruned_weights_stay_exactly_zero_after_conversion() -> None:
     pruning = GradualPruning(target_sparsity=0.75, update_every=5, end_step=15, scope="layer")
     qat = QuantizationAwareTraining("int8_dynamic_act_int4_weight")

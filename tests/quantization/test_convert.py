@@ -95,3 +95,24 @@ def test_load_quantized_refuses_a_file_it_did_not_write(tmp_path: Path) -> None:
     torch.export.save(program, str(tmp_path / "other.pt2"))
     with pytest.raises(ValueError, match="not a lightning_eff quantized model"):
         load_quantized(tmp_path / "other.pt2")
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_loading_another_state_dict_replaces_the_weights_a_called_model_uses(scheme: str) -> None:
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    second = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    converted = [convert(prepared(model, scheme)) for model in (first, second)]
+    inputs = torch.randn(5, 64)
+    converted[0](inputs)  # builds any cache from the first model's integers
+    converted[0].load_state_dict(converted[1].state_dict())
+    assert torch.equal(converted[0](inputs), converted[1](inputs))
+
+
+def test_a_model_first_called_under_inference_mode_still_runs_with_autograd() -> None:
+    converted = convert(prepared(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), "int4_weight_only"))
+    with torch.inference_mode():
+        converted(torch.randn(2, 64))
+    inputs = torch.randn(2, 64, requires_grad=True)
+    converted(inputs).sum().backward()
+    assert inputs.grad is not None

@@ -1,0 +1,869 @@
+"""QuantizationAwareTraining vs post-training quantization and torchao: accuracy, step time, size, CPU speed.
+
+lightning_eff and its peers run side by side in one process, on the same models, data, seeds and steps:
+
+1. ``accuracy``: TinyGPT on the text task (the app's `text_gpt` model and data: 2 layers, d=128, seq 128,
+   batch 32; 1200 steps where the app runs 300, see below) and a Linear-heavy digits MLP [1024, 1024] (400
+   steps, the app's 20 epochs). Test loss (and bits per byte, or accuracy) of: float training; PTQ of that
+   float model (`select_layers` + `swap_in_fake_quantized`, then `convert`); QAT with
+   `QuantizationAwareTraining(scheme, start_step=...)`: its converted `quantized_model` and its fake-quantized
+   training model. Same total steps for float and QAT. "recovery" = (PTQ loss - QAT loss) / (PTQ loss - float
+   loss), the share of the PTQ degradation that QAT wins back. A control run (the float run's last 40% again,
+   from the same checkpoint, in another data order) gives the noise floor: how far the final loss moves when
+   only the trajectory changes. A recovery counts only where PTQ costs at least 3x that noise.
+2. ``step_time``: median training-step time (forward, backward, AdamW) of the TinyGPT on one fixed batch
+   (32x128): float, ours (`FakeQuantizedLinear` in its fake-quant phase, as the callback swaps it in) and
+   torchao's QAT (`quantize_(model, QATConfig(scheme.torchao_config(32), step="prepare"))`) on the same layers;
+   eager, and also under torch.compile with ``--compile`` (a few minutes more: 9 models to compile).
+3. ``inference``: bytes of the converted weights and of the whole state_dict vs fp32, and median CPU inference
+   time of the fp32 model (part 1's float model, seed 0), our converted model, torchao's PTQ model
+   (`quantize_(copy, scheme.torchao_config(32))`) and ours written by `save_quantized` and read back by
+   `load_quantized` (a `torch.export` program); GPT batch 32x128, digits batch 1024.
+4. ``gpu``: an 8-layer, d=1024 GPT (seq 1024, batch 8, bf16 autocast, fused AdamW): step time of torchao's QAT
+   int8-dyn-act/int4-weight and of ours vs float, eager and compiled. Only with a CUDA device.
+
+Why 1200 GPT steps: at the app's 300 steps (test loss 1.75) PTQ costs the int4 schemes 0.0014 nats, well
+below the seed-to-seed spread of the float loss (0.011, 2 seeds), so no recovery can be measured
+(``--gpt-steps 300`` shows it). At 1200 steps (loss 1.25) PTQ costs 0.012 nats. One seed by default, because
+a 1200-step seed takes about 10 minutes here; ``--seeds 3`` takes about 30.
+
+QAT recipe: train in float, then fake-quantize the last 40% of the steps (``--qat-start 0.6``), the usual
+fine-tuning recipe. Tried at 1200 steps, seed 0: the last 40% recovered 181% (int8-dyn-act/int4) and 182%
+(int4 weight-only), the last 20% 74% and 103%; at 300 steps fake quantization from 30% of the steps ended
+worse than PTQ (it slows learning more than it fixes rounding in a model this far from converged). The float
+phase of a QAT run is the float run's first steps, bit for bit, so each QAT run resumes from the float run's
+checkpoint at `start_step` (the callback's own resume path, checked to give identical results) instead of
+training them again. Every Linear but the output head is quantized (the callback's default), int4 schemes with
+groups of 32.
+
+Threads: one (``--threads 1``, the default) in every part. This 2-core machine is shared: with 2 threads a GPT
+step took 0.10 s in one run and 1.5 s in the next (another process had started), with 1 thread 0.14 s in the
+runs around them. Times are medians of interleaved rounds (every variant runs in every round), so machine
+noise hits all of them alike. The default run takes about 10 minutes here, ``--quick`` about 30 s; ``--only
+gpu`` runs part 4 alone (on a GPU machine).
+
+Usage:
+    python benchmarks/quantization.py [--quick] [--seeds N] [--schemes a,b] [--gpt-steps N] [--qat-start F]
+                                      [--threads N] [--compile] [--only accuracy,step_time,inference,gpu]
+                                      [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from common import elapsed, print_table, progress
+from torch import nn
+from torch.nn import functional as F
+from typing_extensions import override
+
+from lightning_eff.quantization import SCHEMES, QuantizationAwareTraining, QuantScheme, convert
+from lightning_eff.quantization.convert import load_quantized, quantized_layers, save_quantized, weight_bytes
+from lightning_eff.quantization.prepare import select_layers, swap_in_fake_quantized
+from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
+
+PARTS = ("accuracy", "step_time", "inference", "gpu")
+TASKS = ("gpt", "digits")
+GROUP_SIZE = 32
+INT4_SCHEMES = ("int8_dynamic_act_int4_weight", "int4_weight_only")
+GPU_SCHEME = "int8_dynamic_act_int4_weight"
+RECOVERY_GOAL = 0.60
+SPEEDUP_GOAL = 2.0
+GPU_EAGER_GOAL, GPU_COMPILED_GOAL = 1.5, 1.10
+CONTROL_SEED_OFFSET = 1000
+NOISE_MARGIN = 3  # a recovery counts only where PTQ costs at least this many times the control's noise
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run; `--quick` shrinks every part but runs every CPU code path."""
+
+    seeds: int
+    gpt_steps: int
+    gpt_seq_len: int
+    gpt_batch_size: int
+    gpt_max_bytes: int | None
+    digits_hidden: tuple[int, ...]
+    digits_steps: int
+    digits_inference_batch: int
+    step_rounds: int
+    step_iterations: int  # per variant and round
+    inference_rounds: int
+    inference_iterations: int
+    gpu_layers: int
+    gpu_d_model: int
+    gpu_seq_len: int
+    gpu_batch_size: int
+    gpu_rounds: int
+    gpu_iterations: int
+
+
+FULL = Plan(
+    seeds=1,
+    gpt_steps=1200,
+    gpt_seq_len=128,
+    gpt_batch_size=32,
+    gpt_max_bytes=None,
+    digits_hidden=(1024, 1024),
+    digits_steps=400,
+    digits_inference_batch=1024,
+    step_rounds=5,
+    step_iterations=3,
+    inference_rounds=5,
+    inference_iterations=4,
+    gpu_layers=8,
+    gpu_d_model=1024,
+    gpu_seq_len=1024,
+    gpu_batch_size=8,
+    gpu_rounds=5,
+    gpu_iterations=10,
+)
+QUICK = Plan(
+    seeds=1,
+    gpt_steps=30,
+    gpt_seq_len=64,
+    gpt_batch_size=16,
+    gpt_max_bytes=100_000,
+    digits_hidden=(1024, 1024),
+    digits_steps=40,
+    digits_inference_batch=256,
+    step_rounds=2,
+    step_iterations=2,
+    inference_rounds=2,
+    inference_iterations=2,
+    gpu_layers=2,
+    gpu_d_model=256,
+    gpu_seq_len=256,
+    gpu_batch_size=4,
+    gpu_rounds=2,
+    gpu_iterations=3,
+)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def goal_row(goal: str, measured: str, met: bool | str | None) -> dict[str, str]:
+    """One row of the final goals table; `met` None when the part that measures it did not run, or a word."""
+    verdict = "n/a" if met is None else met if isinstance(met, str) else ("yes" if met else "no")
+    return {"goal": goal, "measured": measured, "met": verdict}
+
+
+# --- models, data, training ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """A model and its data, built afresh for each run so every run starts from the same seed."""
+
+    name: str
+    title: str
+    steps: int
+    build_model: Callable[[], L.LightningModule]
+    build_data: Callable[[], L.LightningDataModule]
+    text: bool  # next-byte prediction (bits per byte) rather than classification (accuracy)
+
+
+def tasks(plan: Plan) -> dict[str, Task]:
+    gpt = Task(
+        name="gpt",
+        title=f"TinyGPT (2 layers, d=128, seq {plan.gpt_seq_len}, batch {plan.gpt_batch_size}), {plan.gpt_steps} steps",
+        steps=plan.gpt_steps,
+        build_model=lambda: TinyGPT(n_layer=2, n_head=4, d_model=128, seq_len=plan.gpt_seq_len),
+        build_data=lambda: TextDataModule(
+            seq_len=plan.gpt_seq_len, batch_size=plan.gpt_batch_size, max_bytes=plan.gpt_max_bytes
+        ),
+        text=True,
+    )
+    digits = Task(
+        name="digits",
+        title=f"digits MLP {list(plan.digits_hidden)} (batch 64), {plan.digits_steps} steps",
+        steps=plan.digits_steps,
+        build_model=lambda: DigitsMLP(hidden_sizes=list(plan.digits_hidden)),
+        build_data=DigitsDataModule,
+        text=False,
+    )
+    return {"gpt": gpt, "digits": digits}
+
+
+class SaveAtStep(L.Callback):
+    """Writes a checkpoint once `step` optimizer steps are done: where the QAT runs take over from the float run."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step = step
+        self.path = path
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def fit(
+    model: L.LightningModule,
+    data: L.LightningDataModule,
+    callbacks: list[L.Callback],
+    steps: int,
+    ckpt_path: Path | None = None,
+) -> None:
+    """Train on the CPU for `steps` optimizer steps in all, without validation (each run is scored afterwards)."""
+    trainer = L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+
+@torch.inference_mode()
+def test_scores(model: nn.Module, data: L.LightningDataModule, text: bool) -> dict[str, float]:
+    """Mean cross-entropy over every test target, and bits per byte (text) or accuracy in % (digits).
+
+    A plain loop rather than `measure.test_metrics`: it also scores torchao's models and the reloaded
+    `torch.export` program, which are not LightningModules. Models are put in eval mode by the caller
+    (an exported program refuses `.eval()`).
+    """
+    loss_sum, correct, count = 0.0, 0, 0
+    for inputs, targets in data.test_dataloader():
+        logits = model(inputs).float()
+        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
+    loss = loss_sum / count
+    if text:
+        return {"loss": loss, "bits_per_byte": loss / math.log(2)}
+    return {"loss": loss, "accuracy_pct": 100 * correct / count}
+
+
+def fake_quantized_copy(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """A copy of `model` with the callback's default layers swapped for fake-quantized ones (fake-quant on)."""
+    copied = copy.deepcopy(model)
+    swap_in_fake_quantized(copied, select_layers(copied, scheme, GROUP_SIZE), scheme, GROUP_SIZE)
+    return copied
+
+
+def torchao_filter(model: nn.Module, scheme: QuantScheme) -> Callable[[nn.Module, str], bool]:
+    """torchao's `filter_fn` for exactly the layers our callback quantizes (every Linear but the head)."""
+    names = set(select_layers(model, scheme, GROUP_SIZE))
+    return lambda module, fqn: fqn in names
+
+
+def torchao_quantized(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """torchao's post-training quantization of a copy of `model`, with the same scheme and layers as ours."""
+    from torchao.quantization import quantize_
+
+    copied = copy.deepcopy(model).eval()
+    quantize_(copied, scheme.torchao_config(GROUP_SIZE), filter_fn=torchao_filter(copied, scheme))
+    return copied
+
+
+def torchao_qat_prepared(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """`model` with torchao's fake-quantized Linears (QATConfig prepare step) on our callback's layers."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    quantize_(
+        model, QATConfig(scheme.torchao_config(GROUP_SIZE), step="prepare"), filter_fn=torchao_filter(model, scheme)
+    )
+    return model
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    iterations: int,
+    warmup: int = 1,
+    inference: bool = True,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, in rounds that run every function (order reversed every other
+    round), so machine noise and drift hit all alike; `warmup` calls each first (compilation, allocator)."""
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode(inference):
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        sync()
+        for round_index in range(rounds):
+            names = list(calls) if round_index % 2 == 0 else list(reversed(calls))
+            for name in names:
+                for _ in range(iterations):
+                    start = time.perf_counter()
+                    calls[name]()
+                    sync()
+                    seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+# --- 1. accuracy ---------------------------------------------------------------------------------------
+
+
+def recovery(float_loss: float, ptq_loss: float, qat_loss: float) -> float:
+    """Share of the PTQ degradation that QAT wins back (1 = QAT as good as float; > 1 = better than float)."""
+    degradation = ptq_loss - float_loss
+    return (ptq_loss - qat_loss) / degradation if degradation else math.nan
+
+
+def run_task_accuracy(
+    task: Task, schemes: Sequence[QuantScheme], seeds: Sequence[int], start_step: int, workdir: Path
+) -> tuple[dict[str, Any], nn.Module]:
+    """Float, PTQ and QAT scores of every scheme for every seed; also the seed-0 float model (for part 3)."""
+    scores: dict[str, Any] = {
+        "float": [],
+        "control": [],
+        **{s.name: {"ptq": [], "qat": [], "qat_fake_quant": []} for s in schemes},
+    }
+    first_float: nn.Module | None = None
+    for seed in seeds:
+        checkpoint = workdir / f"{task.name}-seed{seed}-step{start_step}.ckpt"
+        L.seed_everything(seed, verbose=False)
+        model, data = task.build_model(), task.build_data()
+        fit(model, data, [SaveAtStep(start_step, checkpoint)] if start_step else [], task.steps)
+        model.eval()
+        scores["float"].append(test_scores(model, data, task.text))
+        if first_float is None:
+            first_float = model
+        L.seed_everything(seed, verbose=False)
+        control = task.build_model()
+        torch.manual_seed(seed + CONTROL_SEED_OFFSET)  # the DataModule takes its shuffle seed from here
+        control_data = task.build_data()
+        fit(control, control_data, [], task.steps, ckpt_path=checkpoint if start_step else None)
+        scores["control"].append(test_scores(control.eval(), control_data, task.text))
+        progress(
+            f"  {task.name} seed {seed} float: test loss {scores['float'][-1]['loss']:.4f},"
+            f" control {scores['control'][-1]['loss']:.4f}"
+        )
+        for scheme in schemes:
+            ptq = convert(fake_quantized_copy(model, scheme))
+            scores[scheme.name]["ptq"].append(test_scores(ptq, data, task.text))
+            L.seed_everything(seed, verbose=False)
+            qat_model, qat_data = task.build_model(), task.build_data()
+            callback = QuantizationAwareTraining(scheme.name, group_size=GROUP_SIZE, start_step=start_step)
+            fit(qat_model, qat_data, [callback], task.steps, ckpt_path=checkpoint if start_step else None)
+            if callback.phase != "fake_quant" or callback.quantized_model is None:
+                raise RuntimeError(f"QAT run of {scheme.name} ended in phase {callback.phase}, not converted")
+            scores[scheme.name]["qat"].append(test_scores(callback.quantized_model, qat_data, task.text))
+            scores[scheme.name]["qat_fake_quant"].append(test_scores(qat_model.eval(), qat_data, task.text))
+            progress(
+                f"  {task.name} seed {seed} {scheme.name}: PTQ {scores[scheme.name]['ptq'][-1]['loss']:.4f},"
+                f" QAT {scores[scheme.name]['qat'][-1]['loss']:.4f}"
+            )
+        checkpoint.unlink(missing_ok=True)
+    assert first_float is not None
+    return scores, first_float
+
+
+def summarize_accuracy(
+    task: Task, schemes: Sequence[QuantScheme], scores: dict[str, Any], start_step: int, label: str
+) -> dict[str, Any]:
+    """Medians over seeds of each loss, of the degradations and of the per-seed recoveries; prints the table.
+
+    The control (the float run's last steps again, from the same checkpoint, in another data order) measures
+    how far the final loss moves from a changed trajectory alone: QAT changes the trajectory too, so a PTQ
+    degradation within a few times that noise leaves the recovery undetermined, and it is flagged so.
+    """
+    float_losses = [s["loss"] for s in scores["float"]]
+    control_losses = [s["loss"] for s in scores["control"]]
+    noise = median([abs(c - f) for c, f in zip(control_losses, float_losses, strict=True)])
+    extra = "bits_per_byte" if task.text else "accuracy_pct"
+    extra_label = "bpb" if task.text else "acc %"
+    float_extra = median([s[extra] for s in scores["float"]])
+    rows, summary = [], {}
+    for scheme in schemes:
+        runs = scores[scheme.name]
+        ptq, qat, fake = ([s["loss"] for s in runs[key]] for key in ("ptq", "qat", "qat_fake_quant"))
+        per_seed = [recovery(f, p, q) for f, p, q in zip(float_losses, ptq, qat, strict=True)]
+        degradation = median([p - f for p, f in zip(ptq, float_losses, strict=True)])
+        entry = {
+            "float_loss": median(float_losses),
+            "ptq_loss": median(ptq),
+            "qat_loss": median(qat),
+            "qat_fake_quant_loss": median(fake),
+            "ptq_degradation": degradation,
+            "qat_degradation": median([q - f for q, f in zip(qat, float_losses, strict=True)]),
+            "recovery": median(per_seed),
+            "recovery_per_seed": per_seed,
+            "noise_floor": noise,
+            "recovery_uncertainty": noise / degradation if degradation > 0 else None,
+            "measurable": degradation >= NOISE_MARGIN * noise,
+            f"float_{extra}": float_extra,
+            f"ptq_{extra}": median([s[extra] for s in runs["ptq"]]),
+            f"qat_{extra}": median([s[extra] for s in runs["qat"]]),
+        }
+        summary[scheme.name] = entry
+        spread = entry["recovery_uncertainty"]
+        uncertainty = "-" if spread is None else f"+-{spread:.0%}" if spread < 10 else "> +-999%"
+        rows.append([
+            scheme.name, f"{entry['float_loss']:.4f}", f"{entry['ptq_loss']:.4f}", f"{entry['qat_loss']:.4f}",
+            f"{entry['qat_fake_quant_loss']:.4f}", f"{degradation:+.4f}", f"{entry['qat_degradation']:+.4f}",
+            f"{entry['recovery']:.0%}" if entry["measurable"] else f"noise ({entry['recovery']:.0%})", uncertainty,
+            " ".join(f"{r:.0%}" for r in per_seed), f"{entry[f'float_{extra}']:.3f}",
+            f"{entry[f'ptq_{extra}']:.3f}", f"{entry[f'qat_{extra}']:.3f}",
+        ])  # fmt: skip
+    header = [
+        "scheme", "float loss", "PTQ loss", "QAT loss", "QAT fake-q", "PTQ-float", "QAT-float", "recovery", "+-noise",
+        "per seed", f"float {extra_label}", f"PTQ {extra_label}", f"QAT {extra_label}",
+    ]  # fmt: skip
+    print_table(
+        f"{label}. {task.title}, fake quantization from step {start_step}: test set, medians over"
+        f" {len(float_losses)} seed(s)",
+        header,
+        rows,
+    )
+    print(
+        f"float test loss per seed: {' '.join(f'{x:.4f}' for x in float_losses)}; control (steps {start_step}-"
+        f"{task.steps} again in another data order): {' '.join(f'{c:.4f}' for c in control_losses)},"
+        f" noise floor |control - float| = {noise:.4f}.\nQAT loss: the converted model; QAT fake-q: the training"
+        f" model. +-noise = noise floor / (PTQ - float); recovery is 'noise' where PTQ - float < {NOISE_MARGIN}x"
+        " the noise floor"
+    )
+    return summary
+
+
+def run_accuracy(
+    plan: Plan, schemes: Sequence[QuantScheme], seeds: Sequence[int], qat_start: float
+) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    results: dict[str, Any] = {"qat_start_fraction": qat_start}
+    trained: dict[str, nn.Module] = {}
+    print(
+        f"\n1. accuracy: float vs PTQ vs QAT, fake quantization from {qat_start:.0%} of the steps,"
+        f" group size {GROUP_SIZE}, every Linear but the head quantized"
+    )
+    with tempfile.TemporaryDirectory(prefix="qat-bench-") as workdir:
+        for label, (name, task) in zip(("1a", "1b"), tasks(plan).items(), strict=True):
+            start_step = round(qat_start * task.steps)
+            scores, trained[name] = run_task_accuracy(task, schemes, seeds, start_step, Path(workdir))
+            results[name] = {
+                "start_step": start_step,
+                "scores": scores,
+                "summary": summarize_accuracy(task, schemes, scores, start_step, label),
+            }
+    return results, trained
+
+
+# --- 2. training step time -----------------------------------------------------------------------------
+
+
+def training_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, compiled: bool) -> Callable[[], None]:
+    """One forward, backward and AdamW step of `model` on a fixed batch, as a closure."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        logits = forward(tokens)
+        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def qat_variants(
+    build: Callable[[], nn.Module], schemes: Sequence[QuantScheme]
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Float, ours and torchao's QAT models of the same weights; torchao's refusals by variant name."""
+    models: dict[str, nn.Module] = {"float": build()}
+    refused: dict[str, str] = {}
+    for scheme in schemes:
+        ours = build()
+        swap_in_fake_quantized(ours, select_layers(ours, scheme, GROUP_SIZE), scheme, GROUP_SIZE)
+        models[f"ours {scheme.name}"] = ours
+        try:
+            models[f"torchao {scheme.name}"] = torchao_qat_prepared(build(), scheme)
+        except Exception as error:  # a config QATConfig refuses is a result, printed as such
+            refused[f"torchao {scheme.name}"] = f"{type(error).__name__}: {error}"
+    return models, refused
+
+
+def ratio_rows(
+    seconds: dict[str, list[float]], refused: dict[str, str], schemes: Sequence[QuantScheme]
+) -> list[list[str]]:
+    """Rows of scheme, median ms and ratio to float of ours and torchao."""
+    base = median(seconds["float"])
+    rows = [["float", "-", f"{1e3 * base:.1f}", "1.00x", "-", "-"]]
+    for scheme in schemes:
+        ours = median(seconds[f"ours {scheme.name}"])
+        peer_name = f"torchao {scheme.name}"
+        peer = (
+            [f"{1e3 * median(seconds[peer_name]):.1f}", f"{median(seconds[peer_name]) / base:.2f}x"]
+            if (peer_name in seconds)
+            else ["refused", "refused"]
+        )
+        rows.append(
+            [scheme.name, str(len(seconds[f"ours {scheme.name}"])), f"{1e3 * ours:.1f}", f"{ours / base:.2f}x", *peer]
+        )
+    return rows
+
+
+def run_step_time(plan: Plan, schemes: Sequence[QuantScheme], compile_too: bool) -> dict[str, Any]:
+    L.seed_everything(0, verbose=False)
+    data = TextDataModule(seq_len=plan.gpt_seq_len, batch_size=plan.gpt_batch_size, max_bytes=plan.gpt_max_bytes)
+    data.setup("fit")
+    tokens, targets = next(iter(data.train_dataloader()))
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyGPT(n_layer=2, n_head=4, d_model=128, seq_len=plan.gpt_seq_len)
+
+    models, refused = qat_variants(build, schemes)
+    for name, error in refused.items():
+        print(f"{name}: refused: {error}")
+    results: dict[str, Any] = {"refused": refused, "batch": list(tokens.shape)}
+    modes = ["eager", "compiled"] if compile_too else ["eager"]
+    if compile_too:
+        torch._dynamo.config.recompile_limit = 64  # one compiled TinyGPT per variant, all alive at once
+    for mode in modes:
+        progress(f"  step time, {mode}: {len(models)} variants")
+        calls = {name: training_step(model, tokens, targets, mode == "compiled") for name, model in models.items()}
+        seconds = time_interleaved(
+            calls, plan.step_rounds, plan.step_iterations, warmup=3 if mode == "compiled" else 1, inference=False
+        )
+        print_table(
+            f"2. training step time on the CPU ({mode}), TinyGPT 2 layers d=128, fixed batch"
+            f" {tuple(tokens.shape)}, forward+backward+AdamW, {plan.step_rounds} interleaved rounds",
+            ["scheme", "steps", "ours ms", "ours/float", "torchao ms", "torchao/float"],
+            ratio_rows(seconds, refused, schemes),
+        )
+        results[mode] = {name: median(values) for name, values in seconds.items()}
+    return results
+
+
+# --- 3. size and inference -----------------------------------------------------------------------------
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Bytes of `torch.save(model.state_dict())`: what a checkpoint of the model takes, torchao's subclasses too."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def bf16_cache_bytes(model: nn.Module) -> int:
+    """Bytes of the bf16 weights our converted layers cache in memory after an eager forward (never saved)."""
+    caches = [layer._bf16_weight for layer in quantized_layers(model).values()]
+    return sum(c.numel() * c.element_size() for c in caches if c is not None)
+
+
+def inference_input(task: Task, data: L.LightningDataModule, plan: Plan) -> torch.Tensor:
+    """GPT: one test batch of windows; digits: `digits_inference_batch` training images (the test set is smaller)."""
+    if task.text:
+        return next(iter(data.test_dataloader()))[0]
+    assert isinstance(data, DigitsDataModule) and data.train_set is not None
+    return data.train_set.tensors[0][: plan.digits_inference_batch]  # type: ignore[attr-defined]
+
+
+def run_task_inference(
+    task: Task, float_model: nn.Module, schemes: Sequence[QuantScheme], plan: Plan, workdir: Path
+) -> dict[str, Any]:
+    data = task.build_data()
+    data.setup("fit")
+    example = inference_input(task, data, plan)
+    float_model = float_model.eval()
+    models: dict[str, nn.Module] = {"fp32": float_model}
+    sizes: dict[str, dict[str, float]] = {}
+    fp32_bytes = serialized_bytes(float_model)
+    for scheme in schemes:
+        ours = convert(fake_quantized_copy(float_model, scheme))
+        path = save_quantized(ours, workdir / f"{task.name}-{scheme.name}.pt2", (example,))
+        models[f"ours {scheme.name}"] = ours
+        models[f"ours reloaded {scheme.name}"] = load_quantized(path)
+        models[f"torchao {scheme.name}"] = torchao_quantized(float_model, scheme)
+        with torch.inference_mode():
+            ours(example)  # builds the eager bf16 cache, counted below
+        stored, fp32 = weight_bytes(ours)
+        sizes[scheme.name] = {
+            "weight_bytes": stored,
+            "weight_bytes_fp32": fp32,
+            "weight_ratio": stored / fp32,
+            "state_dict_bytes_fp32": fp32_bytes,
+            "state_dict_bytes_ours": serialized_bytes(ours),
+            "state_dict_bytes_torchao": serialized_bytes(models[f"torchao {scheme.name}"]),
+            "pt2_file_bytes": path.stat().st_size,
+            "bf16_cache_bytes": bf16_cache_bytes(ours),
+        }
+        progress(f"  {task.name} {scheme.name}: converted, exported, reloaded, torchao quantized")
+    scores = {name: test_scores(model, data, task.text) for name, model in models.items()}
+    seconds = time_interleaved(
+        {name: partial(model, example) for name, model in models.items()},
+        plan.inference_rounds,
+        plan.inference_iterations,
+        warmup=2,
+    )
+    base = median(seconds["fp32"])
+    rows = []
+    for scheme in schemes:
+        size = sizes[scheme.name]
+        target = 1 / 6 if scheme.weight_bits == 4 else 1 / 3.5
+        rows.append([
+            scheme.name, f"{size['weight_ratio']:.3f}", f"1/{1 / size['weight_ratio']:.2f}", f"<= 1/{1 / target:.1f}",
+            f"{size['state_dict_bytes_fp32'] / 1e6:.3f}", f"{size['state_dict_bytes_ours'] / 1e6:.3f}",
+            f"{size['state_dict_bytes_torchao'] / 1e6:.3f}", f"{size['pt2_file_bytes'] / 1e6:.3f}",
+            f"{size['bf16_cache_bytes'] / 1e6:.3f}",
+        ])  # fmt: skip
+    print_table(
+        f"3a. {task.name}: converted size (quantized layers' weights vs the same in fp32; whole state_dict as"
+        " torch.save writes it, MB)",
+        ["scheme", "weights/fp32", "as fraction", "goal", "fp32 MB", "ours MB", "torchao MB", "ours .pt2 MB",
+         "ours bf16 cache MB"],
+        rows,
+    )  # fmt: skip
+    metric = "bits_per_byte" if task.text else "accuracy_pct"
+    print_table(
+        f"3b. {task.name}: CPU inference, input {tuple(example.shape)}, {plan.inference_rounds} interleaved rounds"
+        f" (scores: test set, float model trained in part 1 or here, PTQ)",
+        ["model", "median ms", "speed-up vs fp32", "test loss", metric],
+        [
+            [name, f"{1e3 * median(s):.2f}", f"{base / median(s):.2f}x", f"{scores[name]['loss']:.4f}",
+             f"{scores[name][metric]:.3f}"]
+            for name, s in seconds.items()
+        ],
+    )  # fmt: skip
+    return {
+        "input_shape": list(example.shape),
+        "sizes": sizes,
+        "median_inference_s": {name: median(s) for name, s in seconds.items()},
+        "speedup": {name: base / median(s) for name, s in seconds.items()},
+        "scores": scores,
+    }
+
+
+def run_inference(plan: Plan, schemes: Sequence[QuantScheme], trained: dict[str, nn.Module]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="qat-bench-") as workdir:
+        for name, task in tasks(plan).items():
+            if name not in trained:  # part 1 did not run: train the float model here, seed 0
+                L.seed_everything(0, verbose=False)
+                trained[name] = task.build_model()
+                fit(trained[name], task.build_data(), [], task.steps)  # type: ignore[arg-type]
+                progress(f"  {name}: float model trained for part 3")
+            results[name] = run_task_inference(task, trained[name], schemes, plan, Path(workdir))
+    return results
+
+
+# --- 4. GPU --------------------------------------------------------------------------------------------
+
+
+def run_gpu(plan: Plan) -> dict[str, Any]:
+    """Step time of torchao's QAT and ours relative to float on a GPT-style model, bf16 autocast, eager and compiled."""
+    title = (
+        f"4. GPU training step time: GPT {plan.gpu_layers} layers, d={plan.gpu_d_model}, seq {plan.gpu_seq_len},"
+        f" batch {plan.gpu_batch_size}, bf16 autocast, fused AdamW, {GPU_SCHEME}"
+    )
+    if not torch.cuda.is_available():
+        print(f"\n{title}: skipped: no CUDA device (torch.cuda.is_available() is False)")
+        return {"skipped": "no CUDA device"}
+    device = torch.device("cuda")
+    scheme = SCHEMES[GPU_SCHEME]
+    generator = torch.Generator().manual_seed(0)
+    shape = (plan.gpu_batch_size, plan.gpu_seq_len)
+    tokens = torch.randint(0, 256, shape, generator=generator).to(device)
+    targets = torch.randint(0, 256, shape, generator=generator).to(device)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyGPT(
+            n_layer=plan.gpu_layers,
+            n_head=plan.gpu_d_model // 64,
+            d_model=plan.gpu_d_model,
+            seq_len=plan.gpu_seq_len,
+        ).to(device)
+
+    models, refused = qat_variants(build, [scheme])
+    if refused:
+        raise RuntimeError(f"torchao's QATConfig refused {GPU_SCHEME} on CUDA: {refused}")
+
+    def gpu_step(model: nn.Module, compiled: bool) -> Callable[[], None]:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        forward = torch.compile(model) if compiled else model
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = forward(tokens)
+            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    torch._dynamo.config.recompile_limit = 64  # one compiled model per variant
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for mode in ("eager", "compiled"):
+        progress(f"  gpu {mode}: warm-up{' and compilation' if mode == 'compiled' else ''}, then timing")
+        calls = {name: gpu_step(model, mode == "compiled") for name, model in models.items()}
+        seconds = time_interleaved(
+            calls, plan.gpu_rounds, plan.gpu_iterations, warmup=5, inference=False, sync=torch.cuda.synchronize
+        )
+        base = median(seconds["float"])
+        results[mode] = {
+            name: {"median_step_s": median(s), "vs_float": median(s) / base} for name, s in seconds.items()
+        }
+        print_table(
+            f"{title} ({mode}, {torch.cuda.get_device_name()}, {plan.gpu_rounds} interleaved rounds)",
+            ["variant", "steps", "median ms", "vs float"],
+            [[name, len(s), f"{1e3 * median(s):.2f}", f"{median(s) / base:.2f}x"] for name, s in seconds.items()],
+        )
+    results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return results
+
+
+# --- goals and main ------------------------------------------------------------------------------------
+
+
+def collect_goals(report: dict[str, Any], schemes: Sequence[QuantScheme]) -> list[dict[str, str]]:
+    rows = []
+    accuracy = report.get("accuracy")
+    for task in TASKS:
+        for name in INT4_SCHEMES:
+            if not any(s.name == name for s in schemes):
+                continue
+            entry = accuracy[task]["summary"][name] if accuracy else None
+            measured = (
+                f"{entry['recovery']:.0%} (PTQ-float {entry['ptq_degradation']:+.4f}, noise {entry['noise_floor']:.4f})"
+                if entry
+                else "not run"
+            )
+            met = None if entry is None else entry["recovery"] >= RECOVERY_GOAL if entry["measurable"] else "noise"
+            rows.append(goal_row(f"{task}: QAT recovers >= {RECOVERY_GOAL:.0%} of {name} PTQ loss", measured, met))
+    inference = report.get("inference")
+    for scheme in schemes:
+        target = 1 / 6 if scheme.weight_bits == 4 else 1 / 3.5
+        ratio = inference["gpt"]["sizes"][scheme.name]["weight_ratio"] if inference else None
+        rows.append(goal_row(f"{scheme.name}: weights <= 1/{1 / target:.1f} of fp32",
+                             f"1/{1 / ratio:.2f}" if ratio else "not run",
+                             ratio <= target if ratio else None))  # fmt: skip
+    for scheme in schemes:
+        speedups = {task: inference[task]["speedup"][f"ours {scheme.name}"] for task in TASKS} if inference else None
+        measured = " ".join(f"{task} {s:.2f}x" for task, s in speedups.items()) if speedups else "not run"
+        rows.append(goal_row(f"{scheme.name}: converted GPT or digits >= {SPEEDUP_GOAL:.0f}x fp32 speed", measured,
+                             max(speedups.values()) >= SPEEDUP_GOAL if speedups else None))  # fmt: skip
+    gpu = report.get("gpu")
+    ran = bool(gpu) and "skipped" not in gpu
+    for mode, target in (("compiled", GPU_COMPILED_GOAL), ("eager", GPU_EAGER_GOAL)):
+        ratio = gpu[mode][f"ours {GPU_SCHEME}"]["vs_float"] if ran else None
+        rows.append(goal_row(f"GPU: ours <= {target:.2f}x float step ({mode})",
+                             f"{ratio:.2f}x" if ratio else "skipped (no CUDA)" if gpu else "not run",
+                             ratio <= target if ratio else None))  # fmt: skip
+    print_table("goals", ["goal", "measured", "met"], [[r["goal"], r["measured"], r["met"]] for r in rows])
+    return rows
+
+
+def write_json(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as file:
+            json.dump(report, file, indent=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run of every CPU path (~2 min)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of part 1 (default 1)")
+    parser.add_argument("--schemes", type=str, default=",".join(SCHEMES), help="comma-separated subset of the schemes")
+    parser.add_argument(
+        "--qat-start",
+        type=float,
+        default=0.6,
+        help="share of the steps in float before fake quantization (default 0.6)",
+    )
+    parser.add_argument(
+        "--gpt-steps", type=int, default=None, help="GPT training steps in parts 1 and 3 (default 1200, quick 30)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--compile", action="store_true", help="part 2 also under torch.compile (slow on the CPU)")
+    parser.add_argument("--only", type=str, default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--json", type=str, default=None, help="write every result here as JSON")
+    args = parser.parse_args()
+    parts = [part.strip() for part in args.only.split(",") if part.strip()]
+    if set(parts) - set(PARTS):
+        parser.error(f"--only: unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
+    names = [name.strip() for name in args.schemes.split(",") if name.strip()]
+    if not names or set(names) - set(SCHEMES):
+        parser.error(f"--schemes: choose from {', '.join(SCHEMES)}")
+    if not 0 <= args.qat_start < 1:
+        parser.error("--qat-start: must be in [0, 1)")
+    schemes = [SCHEMES[name] for name in names]
+    plan = QUICK if args.quick else FULL
+    if args.seeds is not None:
+        plan = replace(plan, seeds=args.seeds)
+    if args.gpt_steps is not None:
+        plan = replace(plan, gpt_steps=args.gpt_steps)
+    seeds = list(range(plan.seeds))
+    torch.set_num_threads(args.threads)
+
+    # Lightning's per-Trainer lines and the small-data warnings would bury the progress lines.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", module="torchao")
+
+    import torchao
+
+    command = " ".join([os.path.basename(sys.executable), *sys.argv])
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), torch"
+        f" {torch.__version__} ({torch.get_num_threads()} threads), torchao {torchao.__version__}, lightning"
+        f" {L.__version__}, python {platform.python_version()}"
+    )
+    print(f"command: {command}\nmachine: {machine}\nplan: {'quick' if args.quick else 'full'}, seeds {seeds},"
+          f" schemes {names}")  # fmt: skip
+    report: dict[str, Any] = {"command": command, "machine": machine, "plan": asdict(plan), "seeds": seeds}
+    trained: dict[str, nn.Module] = {}
+
+    def accuracy() -> dict[str, Any]:
+        results, models = run_accuracy(plan, schemes, seeds, args.qat_start)
+        trained.update(models)
+        return results
+
+    runs: dict[str, Callable[[], dict[str, Any]]] = {
+        "accuracy": accuracy,
+        "step_time": lambda: run_step_time(plan, schemes, args.compile),
+        "inference": lambda: run_inference(plan, schemes, trained),
+        "gpu": lambda: run_gpu(plan),
+    }
+    for part in PARTS:
+        if part not in parts:
+            continue
+        progress(f"{part}: start")
+        start = time.perf_counter()
+        report[part] = runs[part]()
+        report[part]["seconds"] = time.perf_counter() - start
+        progress(f"{part}: done in {report[part]['seconds']:.0f}s")
+        write_json(args.json, report)  # after every part, so a long run that breaks keeps what it measured
+    report["goals"] = collect_goals(report, schemes)
+    report["total_seconds"] = elapsed()
+    print(f"\ntotal: {report['total_seconds']:.0f}s")
+    write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
