@@ -17,7 +17,9 @@ same model, global batch, steps and seed. Parts:
 
 Step time is rank 0's span from `on_train_batch_start` to `on_train_batch_end` (the strategy's own batch-start
 work, the balancer's re-plans included); samples/s is the global batch over the median step time. The
-end-to-end time between consecutive steps (data loading included) is printed next to it as a check.
+end-to-end time between consecutive steps (data loading included) is printed next to it as a check, and the
+mean end-to-end rate (all samples of the timed steps over their wall time): a cpu quota makes step times
+bimodal (a step is throttled or not), and there the median can be far from what a user gets.
 
 Needs root for the cgroup (else the busy loop is used) and two CPU cores.
 
@@ -467,6 +469,8 @@ def throughput(ranks: list[dict[str, Any]], first_step: int) -> dict[str, Any]:
     samples = statistics.median(sum(row["samples"] for row in step) for step in steps)
     median = statistics.median(seconds)
     end_to_end = statistics.median(b - a for a, b in itertools.pairwise(ends))
+    # every timed step after the first, over the time they took: what a user gets, stalls and throttling included
+    total_samples = sum(sum(row["samples"] for row in step) for step in steps[1:])
     return {
         "timed_steps": len(steps),
         "global_samples": samples,
@@ -474,6 +478,7 @@ def throughput(ranks: list[dict[str, Any]], first_step: int) -> dict[str, Any]:
         "median_end_to_end_seconds": end_to_end,
         "samples_per_second": samples / median,
         "end_to_end_samples_per_second": samples / end_to_end,
+        "mean_end_to_end_samples_per_second": total_samples / (ends[-1] - ends[0]),
         "rank_samples": [statistics.fmean(row["samples"] for row in [s[r] for s in steps]) for r in range(len(ranks))],
     }
 
@@ -488,6 +493,16 @@ def global_losses(ranks: list[dict[str, Any]]) -> list[float]:
 
 def shares_text(history: list[dict[str, Any]]) -> str:
     return " ".join(f"{entry['step']}:{'/'.join(str(size) for size in entry['batch_sizes'])}" for entry in history)
+
+
+def window_times_text(history: list[dict[str, Any]]) -> str:
+    """Each window's plan and the wall time per step it measured (what `prefer_measured` compares)."""
+    plans = [entry["batch_sizes"] for entry in history]
+    texts = []
+    for before, entry in zip([None, *plans], history, strict=False):
+        if entry.get("step_seconds") is not None and before is not None:
+            texts.append(f"{entry['step']}:{'/'.join(map(str, before))}:{entry['step_seconds'] * 1e3:.0f}")
+    return " ".join(texts)
 
 
 def plan_changes(history: list[dict[str, Any]], first_step: int) -> int:
@@ -533,6 +548,7 @@ def run_slow(runner: Runner, plan: Plan, slowdown: str, with_noise_run: bool) ->
         "slowdown": slowdown,
         "standalone": alone,
         "ideal_samples_per_second": sum(a["samples_per_second"] for a in alone),
+        "ideal_mean_samples_per_second": sum(a["mean_end_to_end_samples_per_second"] for a in alone),
         "runs": measured,
         "raw": runs,
     }
@@ -582,15 +598,27 @@ def report_slow(slow: dict[str, Any], plan: Plan) -> dict[str, Any]:
     )
     print(f"ideal (sum of standalone): {rate(ideal)} samples/s")
     print(f"balancer splits (step:rank0/rank1): {shares_text(history)}")
+    print(f"measured wall ms per step of each window's plan (step:plan:ms): {window_times_text(history)}")
     print(
         f"final shares {[round(s, 3) for s in stats.get('share', [])]}, speeds "
-        f"{[round(s, 1) for s in stats.get('speed', [])]} samples/s, idle fraction "
+        f"{[round(s, 1) for s in stats.get('speed', [])]} samples/s, fixed "
+        f"{[round(s * 1e3, 1) for s in stats.get('fixed_seconds', [])]} ms per step, idle fraction "
         f"{[round(s, 3) for s in stats.get('idle_fraction', [])]}; per-rank samples in the timed steps "
         f"{[round(s, 2) for s in balanced['rank_samples']]}; split changes in the timed steps: "
         f"{plan_changes(history, plan.measure_from)}"
     )
     vs_ideal = balanced["samples_per_second"] / ideal
     vs_plain = balanced["samples_per_second"] / plain["samples_per_second"]
+    mean_ideal = slow["ideal_mean_samples_per_second"]
+    mean_plain, mean_balanced = (
+        plain["mean_end_to_end_samples_per_second"],
+        balanced["mean_end_to_end_samples_per_second"],
+    )
+    print(
+        f"mean end-to-end (samples over wall time of the timed steps; a quota makes step times bimodal, which the "
+        f"median hides): ideal {rate(mean_ideal)}, plain DDP {rate(mean_plain)}, balanced {rate(mean_balanced)} "
+        f"samples/s: balanced {mean_balanced / mean_ideal:.2f} of ideal, {mean_balanced / mean_plain:.2f}x plain DDP"
+    )
     return {
         "ideal_samples_per_second": ideal,
         "standalone": slow["standalone"],
@@ -598,6 +626,8 @@ def report_slow(slow: dict[str, Any], plan: Plan) -> dict[str, Any]:
         "balanced": balanced,
         "balanced_vs_ideal": vs_ideal,
         "balanced_vs_plain": vs_plain,
+        "mean_balanced_vs_ideal": mean_balanced / mean_ideal,
+        "mean_balanced_vs_plain": mean_balanced / mean_plain,
         "history": history,
         "balance_stats": stats,
         "goals": [
@@ -693,9 +723,14 @@ def report_equal(runs: dict[str, list[dict[str, Any]]], plan: Plan) -> dict[str,
     plain = statistics.median(run["samples_per_second"] for run in runs["plain"])
     balanced = statistics.median(run["samples_per_second"] for run in runs["balanced"])
     ratio = balanced / plain
+    mean_ratio = statistics.median(run["mean_end_to_end_samples_per_second"] for run in runs["balanced"]) / (
+        statistics.median(run["mean_end_to_end_samples_per_second"] for run in runs["plain"])
+    )
+    print(f"mean end-to-end samples/s, balanced / plain (median over rounds): {mean_ratio:.3f}x")
     return {
         "runs": runs,
         "balanced_vs_plain": ratio,
+        "mean_balanced_vs_plain": mean_ratio,
         "goals": [goal(f"balanced within 3% of plain DDP (median over rounds): {ratio:.3f}x", ratio >= 0.97)],
     }
 

@@ -1,7 +1,7 @@
 """Load-balanced DDP: per-rank batch shares from measured speed, cost-balanced batches, sample-weighted gradients."""
 
 from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer
-from lightning_eff.balancing.planner import plan_batch_sizes, split_by_weight
+from lightning_eff.balancing.planner import equal_time_sizes, plan_batch_sizes, prefer_measured, split_by_weight
 from lightning_eff.balancing.sampler import BalancedBatchSampler, BatchPlan, assign_by_cost
 from lightning_eff.balancing.weighting import sample_weight
 
@@ -11,7 +11,9 @@ __all__ = [
     "CostBalancer",
     "ThroughputBalancer",
     "assign_by_cost",
+    "equal_time_sizes",
     "plan_batch_sizes",
+    "prefer_measured",
     "sample_weight",
     "split_by_weight",
 ]

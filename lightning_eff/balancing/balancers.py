@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -9,11 +10,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from lightning_eff.balancing.planner import plan_batch_sizes, smoothed, split_by_weight
+from lightning_eff.balancing.planner import plan_batch_sizes, prefer_measured, smoothed, split_by_weight
 from lightning_eff.balancing.sampler import BatchPlan
 from lightning_eff.validation import ConfigError, check, check_fraction, check_int
 
 COSTS = ("tokens", "samples")
+PLAN_MEMORY = 10  # re-plan windows for which a plan's measured step time is remembered
+OUTLIER = 3.0  # a step longer than this many times the window's median (validation, a checkpoint) is left out
 
 
 class CostBalancer:
@@ -49,18 +52,28 @@ class CostBalancer:
 
 
 class ThroughputBalancer:
-    """Sizes each rank's share of the global batch to its measured compute speed.
+    """Sizes each rank's share of the global batch so that every rank's predicted step time is the same.
 
-    Speed is samples per second of forward and backward work, excluding time spent waiting in collectives,
-    so a rank that waits for a slow peer does not look slow itself. Every `replan_every` optimizer steps the
-    ranks exchange their speeds and all compute the same new plan.
+    Each rank's step time is modelled as ``t_i(b) = fixed_i + b / speed_i``: `speed_i` is samples per second of
+    the work that grows with the batch (forward, and backward up to the moment this rank's gradients are ready),
+    `fixed_i` the seconds per step of this rank's own work that does not (hooks, zero_grad, the optimizer step;
+    on CPU also the communication threads' work after the last gradient, see `EfficientDDPStrategy`).
+    A proportional split by speed alone ignores the fixed part, and a rank that is slow at everything pays its
+    fixed part slowly too, so it would be given slightly too many samples. Neither part includes time spent
+    waiting in collectives, so a rank that waits for a slow peer does not look slow itself. Every
+    `replan_every` optimizer steps the ranks all-gather their measurements and all compute the same new plan
+    (`plan_batch_sizes`). The first `warmup_steps` steps after set-up (allocations, DDP rebuilding its buckets
+    with a collective in the second forward) are left out of the first window. The wall time per step that
+    each plan achieved is remembered for a few windows, and a proposal that ran slower than another remembered
+    plan gives way to that plan (`prefer_measured`): the measured step time is what a plan is for.
 
     Args:
         replan_every: optimizer steps between re-plans.
-        smoothing: weight of the previous speed estimate in the moving average, in [0, 1).
+        smoothing: weight of the previous estimates in the moving average, in [0, 1).
         min_share: smallest share of the global batch a rank gets, in (0, 1/world_size).
         tolerance: keep the current plan unless some rank's share would change by more than this (relative).
         cost: also balance the cost of variable-length samples (`CostBalancer`).
+        warmup_steps: steps after set-up (and after a resume) that are not measured.
     """
 
     def __init__(
@@ -70,73 +83,127 @@ class ThroughputBalancer:
         min_share: float = 0.05,
         tolerance: float = 0.05,
         cost: CostBalancer | None = None,
+        warmup_steps: int = 2,
     ) -> None:
         check_int("replan_every", replan_every, 1)
         check_fraction("smoothing", smoothing, low_open=False)
         check_fraction("min_share", min_share)
         check_fraction("tolerance", tolerance, low_open=False)
+        check_int("warmup_steps", warmup_steps, 0)
         self.replan_every = replan_every
         self.smoothing = smoothing
         self.min_share = min_share
         self.tolerance = tolerance
         self.cost = cost
+        self.warmup_steps = warmup_steps
         self.plan = BatchPlan(batch_sizes=[])
-        self.speeds: list[float] = []
+        self.speeds: list[float] = []  # per rank: samples/s of the work that grows with the batch
+        self.fixed_seconds: list[float] = []  # per rank: seconds per step of the work that does not
         self.history: list[dict[str, Any]] = []
+        self._steps = 0
         self._samples = 0
         self._busy_seconds = 0.0
+        self._fixed_seconds = 0.0
+        self._step_times: list[float] = []  # this window's wall seconds per step, of steps cut by the plan
+        self._measured: dict[tuple[int, ...], tuple[int, float]] = {}  # plan -> (step, wall seconds per step)
+        self._recorded = 0
         self._last_replan = 0
 
     # --- set-up ---------------------------------------------------------------------------------------
 
     def setup(self, global_batch_size: int, world_size: int) -> BatchPlan:
-        """The plan for a run: restored from a checkpoint, or equal shares."""
+        """The plan for a run: restored from a checkpoint, or equal shares. Measuring starts anew."""
         check(self.min_share < 1 / world_size, "min_share", self.min_share,
               f"must be < 1/world_size = {1 / world_size:.3g}")  # fmt: skip
         if len(self.plan.batch_sizes) != world_size or sum(self.plan.batch_sizes) != global_batch_size:
             self.plan.batch_sizes = split_by_weight(global_batch_size, [1.0] * world_size, minimum=1)
             self.plan.speeds = [1.0] * world_size
+        self._steps, self._samples, self._busy_seconds, self._fixed_seconds = 0, 0, 0.0, 0.0
+        self._step_times, self._recorded = [], 0
         return self.plan
 
     # --- measuring and re-planning --------------------------------------------------------------------
 
-    def record(self, samples: int, busy_seconds: float) -> None:
-        """This rank's work in one optimizer step: samples trained and seconds of compute."""
+    def record(
+        self, samples: int, busy_seconds: float, fixed_seconds: float = 0.0, step_seconds: float | None = None
+    ) -> None:
+        """This rank's work in one optimizer step, none of it waiting in collectives.
+
+        Args:
+            samples: samples trained in the step.
+            busy_seconds: seconds of the work that grows with the batch (forward and backward).
+            fixed_seconds: seconds of the work that does not (hooks, zero_grad, the optimizer step).
+            step_seconds: the step's wall time, waiting included. It counts toward the current plan's measured
+                step time only if this rank's batch had the plan's size (the loader cuts batches ahead, so
+                the first steps after a re-plan still follow the old plan).
+        """
+        self._recorded += 1
+        if self._recorded <= self.warmup_steps:
+            return
+        self._steps += 1
         self._samples += samples
         self._busy_seconds += busy_seconds
+        self._fixed_seconds += fixed_seconds
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        sizes = self.plan.batch_sizes
+        if step_seconds is not None and rank < len(sizes) and samples == sizes[rank]:
+            self._step_times.append(step_seconds)
 
     def maybe_replan(self, step: int, device: torch.device) -> bool:
-        """At every `replan_every`-th step, exchange speeds and re-plan; the same on every rank (collective)."""
+        """At every `replan_every`-th step, exchange measurements and re-plan; the same on every rank (collective)."""
         if step == 0 or step % self.replan_every or step == self._last_replan:
             return False
         self._last_replan = step
-        local = torch.tensor([float(self._samples), self._busy_seconds], dtype=torch.float64, device=device)
+        window = [float(self._steps), float(self._samples), self._busy_seconds, self._fixed_seconds]
+        window += [float(len(self._step_times)), _mean_without_outliers(self._step_times)]
+        local = torch.tensor(window, dtype=torch.float64, device=device)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         gathered = [torch.zeros_like(local) for _ in range(world)]
         if world > 1:
             dist.all_gather(gathered, local)
         else:
             gathered = [local]
-        samples = [float(t[0]) for t in gathered]
-        busy = [float(t[1]) for t in gathered]
-        self._samples, self._busy_seconds = 0, 0.0
-        measured = [s / b if b > 0 else 0.0 for s, b in zip(samples, busy, strict=True)]
-        if not all(speed > 0 for speed in measured):
-            return False
-        previous = self.speeds if len(self.speeds) == world else [None] * world
-        self.speeds = [smoothed(p, m, self.smoothing) for p, m in zip(previous, measured, strict=True)]
-        global_batch = sum(self.plan.batch_sizes)
+        steps, samples, busy, fixed, timed, step_seconds = ([float(t[k]) for t in gathered] for k in range(6))
+        self._steps, self._samples, self._busy_seconds, self._fixed_seconds = 0, 0, 0.0, 0.0
+        self._step_times = []
         old = list(self.plan.batch_sizes)
-        self.plan.batch_sizes = plan_batch_sizes(global_batch, self.speeds, self.min_share, old, self.tolerance)
+        measured_step = max(step_seconds) if all(n > 0 for n in timed) else None  # steps are synchronous
+        if measured_step is not None:
+            self._measured[tuple(old)] = (step, measured_step)
+        self._measured = {
+            plan: (at, seconds)
+            for plan, (at, seconds) in self._measured.items()
+            if at > step - PLAN_MEMORY * self.replan_every
+        }
+        if not all(n > 0 and s > 0 and b > 0 for n, s, b in zip(steps, samples, busy, strict=True)):
+            return False  # a window of warm-up steps only, or nothing measured: the same answer on every rank
+        measured_speeds = [s / b for s, b in zip(samples, busy, strict=True)]
+        measured_fixed = [max(f, 0.0) / n for f, n in zip(fixed, steps, strict=True)]
+        fresh = len(self.speeds) != world or len(self.fixed_seconds) != world
+        previous_speeds = [None] * world if fresh else self.speeds
+        previous_fixed = [None] * world if fresh else self.fixed_seconds
+        self.speeds = [smoothed(p, m, self.smoothing) for p, m in zip(previous_speeds, measured_speeds, strict=True)]
+        self.fixed_seconds = [
+            smoothed(p, m, self.smoothing) for p, m in zip(previous_fixed, measured_fixed, strict=True)
+        ]
+        proposed = plan_batch_sizes(
+            sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
+        )
+        seconds_per_step = {plan: seconds for plan, (_, seconds) in self._measured.items()}
+        self.plan.batch_sizes = prefer_measured(proposed, seconds_per_step)
         self.plan.speeds = list(self.speeds)
-        slowest = max(busy)
+        per_step = [(b + f) / n for b, f, n in zip(busy, fixed, steps, strict=True)]
+        slowest = max(per_step)
         self.history.append(
             {
                 "step": step,
                 "batch_sizes": list(self.plan.batch_sizes),
                 "speeds": list(self.speeds),
-                "busy_seconds": busy,
-                "idle_fraction": [1 - b / slowest if slowest > 0 else 0.0 for b in busy],
+                "fixed_seconds": list(self.fixed_seconds),
+                "busy_seconds": per_step,
+                "idle_fraction": [1 - b / slowest if slowest > 0 else 0.0 for b in per_step],
+                "step_seconds": measured_step,  # wall time per step under the window's plan (`old`)
+                "proposed": proposed,
             }
         )
         return self.plan.batch_sizes != old
@@ -144,11 +211,16 @@ class ThroughputBalancer:
     # --- what a user reads ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, list[float]]:
-        """Per-rank share, speed (samples/s of compute) and idle fraction over the last re-plan window."""
+        """Per-rank share, speed (samples/s of forward and backward), fixed seconds per step and idle fraction.
+
+        The idle fraction is over the last re-plan window: 1 - this rank's busy seconds per step over the
+        busiest rank's (communication itself is not counted).
+        """
         last = self.history[-1] if self.history else {}
         return {
             "share": self.plan.shares() if self.plan.batch_sizes else [],
             "speed": list(self.speeds),
+            "fixed_seconds": list(self.fixed_seconds),
             "idle_fraction": list(last.get("idle_fraction", [])),
         }
 
@@ -156,16 +228,36 @@ class ThroughputBalancer:
         return {
             "batch_sizes": list(self.plan.batch_sizes),
             "speeds": list(self.speeds),
+            "fixed_seconds": list(self.fixed_seconds),
             "history": list(self.history),
             "last_replan": self._last_replan,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the plan and the estimates.
+
+        A checkpoint written before the fixed-cost model (no ``fixed_seconds``) holds speeds of forward time
+        alone, a different unit: its plan is kept, but its speeds are not averaged with the new measurements.
+        The measured step times of recent plans are not saved: after a resume every proposal is tried anew.
+        """
         self.plan.batch_sizes = list(state["batch_sizes"])
-        self.speeds = list(state["speeds"])
-        self.plan.speeds = list(self.speeds) or [1.0] * len(self.plan.batch_sizes)
+        speeds = list(state["speeds"])
+        self.plan.speeds = list(speeds) or [1.0] * len(self.plan.batch_sizes)
+        if "fixed_seconds" in state:
+            self.speeds, self.fixed_seconds = speeds, list(state["fixed_seconds"])
+        else:
+            self.speeds, self.fixed_seconds = [], []
         self.history = list(state["history"])
         self._last_replan = int(state["last_replan"])
+
+
+def _mean_without_outliers(values: list[float]) -> float:
+    """The mean of `values` without those above `OUTLIER` times their median; 0 for none."""
+    if not values:
+        return 0.0
+    median = statistics.median(values)
+    kept = [value for value in values if value <= OUTLIER * median]
+    return statistics.fmean(kept)
 
 
 def require_balancer(value: Any) -> ThroughputBalancer | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def split_by_weight(total: int, weights: Sequence[float], minimum: int = 0) -> list[int]:
@@ -31,25 +31,82 @@ def split_by_weight(total: int, weights: Sequence[float], minimum: int = 0) -> l
     return [minimum if i in clamped else parts[i] for i in range(count)]
 
 
+def equal_time_sizes(
+    total: float, speeds: Sequence[float], fixed_seconds: Sequence[float], minimum: float = 0.0
+) -> list[float]:
+    """Real batch sizes, summing to `total` and each at least `minimum`, that give every rank the same step time.
+
+    Rank i's step time is modelled as ``t_i(b) = fixed_seconds[i] + b / speeds[i]``: a per-step cost that does
+    not depend on the batch (optimizer step, hooks, per-step overhead) plus a cost per sample. Splitting in
+    proportion to speed alone equalises only the second part; a rank that is slow at everything also pays its
+    fixed cost slowly, so it should get fewer samples than its speed share. Solving ``t_i(b_i) = T`` with
+    ``sum(b_i) = total`` gives ``b_i = speeds[i] * (T - fixed_seconds[i])``. A rank whose size would fall below
+    `minimum` (or that has speed 0) gets exactly `minimum` and the rest are solved again, as in `split_by_weight`.
+    With all fixed costs 0 this is the split proportional to `speeds`.
+    """
+    count = len(speeds)
+    if len(fixed_seconds) != count:
+        raise ValueError(f"{count} speeds but {len(fixed_seconds)} fixed costs")
+    if total < minimum * count:
+        raise ValueError(f"cannot give {count} ranks at least {minimum} of {total}")
+    clamped: set[int] = set()
+    while True:
+        free = [i for i in range(count) if i not in clamped]
+        spare = total - minimum * len(clamped)
+        speed_sum = sum(speeds[i] for i in free)
+        if speed_sum > 0:
+            level = (spare + sum(speeds[i] * fixed_seconds[i] for i in free)) / speed_sum
+            exact = {i: speeds[i] * (level - fixed_seconds[i]) for i in free}
+        else:  # nothing measured: equal parts
+            exact = {i: spare / len(free) for i in free}
+        low = [i for i in free if exact[i] < minimum]
+        if not low or len(low) == len(free):
+            break
+        clamped.update(low)
+    return [float(minimum) if i in clamped else exact[i] for i in range(count)]
+
+
 def plan_batch_sizes(
     global_batch: int,
     speeds: Sequence[float],
     min_share: float,
     current: Sequence[int] | None = None,
     tolerance: float = 0.0,
+    fixed_seconds: Sequence[float] | None = None,
 ) -> list[int]:
-    """Per-rank batch sizes that sum to `global_batch`, proportional to `speeds` (samples per second).
+    """Per-rank batch sizes that sum to `global_batch` and equalise each rank's predicted step time.
 
-    Each rank gets at least `min_share` of the global batch (and at least one sample), so a rank that
-    measured slow once can still show it recovered. If every rank's proposed share is within `tolerance`
-    (relative) of its current share, the current plan is kept, so shares do not oscillate with noise.
+    `speeds` are samples per second of the work that grows with the batch; `fixed_seconds` each rank's work per
+    step that does not (None: none), see `equal_time_sizes`. The real sizes are rounded by largest remainders.
+    Each rank gets at least `min_share` of the global batch (and at least one sample), so a rank that measured
+    slow once can still show it recovered. If every rank's proposed share is within `tolerance` (relative) of
+    its current share, the current plan is kept, so shares do not oscillate with noise.
     """
     minimum = max(1, int(min_share * global_batch))
-    proposed = split_by_weight(global_batch, speeds, minimum)
+    fixed = list(fixed_seconds) if fixed_seconds is not None else [0.0] * len(speeds)
+    exact = equal_time_sizes(global_batch, speeds, fixed, minimum)
+    proposed = split_by_weight(global_batch, exact, minimum)
     comparable = current is not None and len(current) == len(proposed) and sum(current) == global_batch
     if comparable and all(abs(p - c) <= tolerance * c for p, c in zip(proposed, current or [], strict=True)):
         return list(current or [])
     return proposed
+
+
+def prefer_measured(proposed: Sequence[int], seconds_per_step: Mapping[tuple[int, ...], float]) -> list[int]:
+    """`proposed`, unless it ran recently and another plan that ran recently was faster: then that plan.
+
+    The step-time model is linear, and some effects are not: a rank held to a CPU quota runs at full speed
+    while it has quota left, so given a little less work than it can sustain it measures faster than it is,
+    and the model proposes giving it more again. `seconds_per_step` holds the measured wall time per step of
+    the plans that ran in the last few windows (the same numbers on every rank); the measured step time, which
+    is what a plan is for, then decides between plans the model keeps returning to. A proposal that has not
+    run recently is always tried, so the model can still follow a real change of speed.
+    """
+    seconds = seconds_per_step.get(tuple(proposed))
+    if seconds is None:
+        return list(proposed)
+    best = min(seconds_per_step, key=lambda plan: (seconds_per_step[plan], plan))
+    return list(best) if seconds_per_step[best] < seconds else list(proposed)
 
 
 def smoothed(previous: float | None, measured: float, smoothing: float) -> float:

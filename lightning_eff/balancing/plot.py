@@ -1,4 +1,4 @@
-"""The balance report's picture: each rank's share of the global batch and its compute time over training."""
+"""The balance report's picture: each rank's share of the global batch and its step time over training."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 
 
 def plot_balance(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Write a two-panel PNG (shares, per-rank compute seconds per re-plan window) to `path`; None if no data."""
+    """Write a two-panel PNG (shares, per-rank busy seconds per step in each re-plan window) to `path`; None if none."""
     if not history:
         return None
     steps = [entry["step"] for entry in history]
@@ -24,7 +24,7 @@ def plot_balance(history: list[dict[str, Any]], path: Path) -> Path | None:
                     label=f"rank {rank}")  # fmt: skip
         busy.plot(steps, [entry["busy_seconds"][rank] for entry in history], "o-", label=f"rank {rank}")
     shares.set(xlabel="optimizer step", ylabel="share of the global batch", ylim=(0, 1), title="Batch shares")
-    busy.set(xlabel="optimizer step", ylabel="compute seconds in the window", title="Per-rank compute time")
+    busy.set(xlabel="optimizer step", ylabel="busy seconds per step", title="Per-rank step time (no waiting)")
     for axes in (shares, busy):
         axes.legend()
     figure.tight_layout()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -15,7 +16,9 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_eff.balancing import BalancedBatchSampler, sample_weight
@@ -49,6 +52,12 @@ class EfficientDDPStrategy(DDPStrategy):
     DataLoader's sampler is replaced (not stacked on Lightning's DistributedSampler) by one that cuts every
     global batch by the current plan, and each rank's loss is weighted by its sample count before backward
     (so before compression and DDP's mean), so the update equals one process training on the whole global batch.
+    Each step the balancer is told this rank's own work, none of it waiting in a collective: forward, backward up
+    to this rank's last gradient (DDP's allreduce wait comes after it), and the fixed part: the hooks between
+    the batch reaching the device and training_step, zero_grad and the optimizer step, and on CPU the CPU time
+    gloo's threads spend after the last gradient (see `_balance_after_step`). Not timed: the stretch from the
+    end of the optimizer step to the next batch, which holds Lightning's per-step sigterm broadcast (a
+    collective) and the data fetch, and everything an accelerator does asynchronously to the host.
 
     Args:
         compression: a `Compressor` (``PowerSGD(rank=4)``), a registered name (``"powersgd"``), or None
@@ -81,8 +90,20 @@ class EfficientDDPStrategy(DDPStrategy):
         self._sampler: BalancedBatchSampler | None = None
         self._loss_weight = 1.0
         self._step_samples = 0
-        self._step_busy_seconds = 0.0
+        self._step_busy_seconds = 0.0  # forward and backward: grows with the batch
+        self._step_fixed_seconds = 0.0  # hooks, zero_grad, optimizer step: does not
+        self._batch_ready: float | None = None  # when the training batch reached batch_to_device
+        self._collective_seconds = 0.0  # spent in the balancer's re-plan since then: waiting, not work
+        self._closure_seconds = 0.0  # forward and backward wall time inside the running optimizer step
+        self._grad_ready = 0.0  # when this rank's latest gradient was accumulated
+        self._grad_ready_cpu = (0.0, 0.0)  # and this thread's and this process's CPU time then
+        self._step_busy_cpu = 0.0  # this thread's CPU time in forward and backward (CPU devices)
+        self._step_tail_cpu = 0.0  # this process's CPU time after the last gradient: gloo's own work
+        self._grad_hooks: list[RemovableHandle] = []
+        self._in_training_step = False
+        self._nested = (0.0, 0.0)  # wall and thread CPU of backward and optimizer steps run inside training_step
         self._step_seen = -1
+        self._step_started = 0.0  # wall clock at the start of the running optimizer step
         self.compression_stats = CompressionStats()
         self._hook: CompressionHook | None = None
         self._restored_state: dict[str, Any] | None = None
@@ -179,14 +200,33 @@ class EfficientDDPStrategy(DDPStrategy):
         )
 
     @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self._sampler is not None and trainer is not None and trainer.training:
+            # after Lightning's per-step sigterm broadcast and the data fetch: the hooks from here to
+            # training_step are this rank's own work
+            self._batch_ready, self._collective_seconds = time.perf_counter(), 0.0
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._sampler is None:
             return super().training_step(*args, **kwargs)
-        # Forward time measures speed: it holds no collective, so a rank waiting for a slow peer in
-        # backward's allreduce does not look slow itself, and backward costs about a fixed multiple of it.
-        started = time.perf_counter()
-        output = super().training_step(*args, **kwargs)
-        self._step_busy_seconds += time.perf_counter() - started
+        # Forward holds no collective, so a rank waiting for a slow peer does not look slow in it. With manual
+        # optimization, backward and the optimizer step run inside training_step and are measured on their own.
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        if self._batch_ready is not None:
+            self._step_fixed_seconds += max(started - self._batch_ready - self._collective_seconds, 0.0)
+            self._batch_ready = None
+        self._in_training_step, self._nested = True, (0.0, 0.0)
+        try:
+            output = super().training_step(*args, **kwargs)
+        finally:
+            self._in_training_step = False
+        elapsed = time.perf_counter() - started
+        self._step_busy_seconds += elapsed - self._nested[0]
+        self._step_busy_cpu += time.thread_time() - started_cpu - self._nested[1]
+        self._closure_seconds += elapsed
         batch, batch_index = args[0], int(args[1]) if len(args) > 1 else int(kwargs.get("batch_idx", 0))
         samples = extract_batch_size(batch)
         self._step_samples += samples
@@ -195,25 +235,98 @@ class EfficientDDPStrategy(DDPStrategy):
 
     @override
     def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._sampler is not None and self._loss_weight != 1.0:
+        if self._sampler is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        if self._loss_weight != 1.0:
             closure_loss = closure_loss * self._loss_weight  # before DDP's mean and any compression hook
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        self._watch_gradients()
+        started = self._grad_ready = time.perf_counter()
+        started_cpu = time.thread_time()
+        output = super().backward(closure_loss, optimizer, *args, **kwargs)
+        ended, ended_cpu = time.perf_counter(), time.process_time()
+        # Backward's compute ends when this rank's last gradient is accumulated; after that DDP waits for the
+        # allreduce of the last buckets, which on a fast rank is mostly waiting for the slow one.
+        if self._grad_ready > started:
+            self._step_busy_seconds += self._grad_ready - started
+            self._step_busy_cpu += self._grad_ready_cpu[0] - started_cpu
+            self._step_tail_cpu += ended_cpu - self._grad_ready_cpu[1]
+        else:
+            self._step_busy_seconds += ended - started
+        self._closure_seconds += ended - started
+        self._note_nested(started, started_cpu)
+        return output
 
-    def _balance_after_step(self, trainer: L.Trainer) -> None:
-        """Record the finished step's compute and re-plan when due."""
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self._sampler is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        started, started_cpu, self._closure_seconds = time.perf_counter(), time.thread_time(), 0.0
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        # What is not forward or backward: zero_grad, clipping, the parameter update. The closure's
+        # collectives (DDP's allreduce) are inside backward, so they are not counted here.
+        self._step_fixed_seconds += max(time.perf_counter() - started - self._closure_seconds, 0.0)
+        self._note_nested(started, started_cpu)
+        return output
+
+    def _note_nested(self, started: float, started_cpu: float) -> None:
+        """Inside training_step (manual optimization), keep this call's time out of training_step's own."""
+        if self._in_training_step:
+            wall, cpu = self._nested
+            self._nested = (wall + time.perf_counter() - started, cpu + time.thread_time() - started_cpu)
+
+    def _watch_gradients(self) -> None:
+        """Note when each parameter's gradient is accumulated (once per run; removed in teardown)."""
+        if self._grad_hooks or self.lightning_module is None:
+            return
+
+        def ready(_: torch.Tensor) -> None:
+            self._grad_ready = time.perf_counter()
+            self._grad_ready_cpu = (time.thread_time(), time.process_time())  # the autograd thread, on CPU
+
+        self._grad_hooks = [
+            parameter.register_post_accumulate_grad_hook(ready)
+            for parameter in self.lightning_module.parameters()
+            if parameter.requires_grad
+        ]
+
+    @override
+    def teardown(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        super().teardown()
+
+    def _balance_after_step(self, trainer: L.Trainer, step_seconds: float) -> None:
+        """Record the finished step's own work and re-plan when due.
+
+        On CPU, gloo's threads do the allreduce's work on the rank's own cores; what they still do after the last
+        gradient (on a rank that is not waiting for a peer, the tail of the allreduce) is fixed work that a
+        wall-clock timer cannot tell from waiting, but CPU time can: a blocked wait uses none. It is converted to
+        wall time at this rank's pace (forward and backward wall time per CPU second of the training thread:
+        about 2 on a rank held to half a core), so a slowed rank pays it slowly too.
+        """
         assert self.balancer is not None
-        self.balancer.record(self._step_samples, max(self._step_busy_seconds, 1e-9))
-        self._step_samples, self._step_busy_seconds = 0, 0.0
-        if self.balancer.maybe_replan(trainer.global_step, self.root_device) and trainer.is_global_zero:
+        fixed = self._step_fixed_seconds
+        if self.root_device.type == "cpu" and self._step_busy_cpu > 0:
+            fixed += self._step_tail_cpu * self._step_busy_seconds / self._step_busy_cpu
+        self.balancer.record(self._step_samples, max(self._step_busy_seconds, 1e-9), fixed, step_seconds)
+        self._step_samples, self._step_busy_seconds, self._step_fixed_seconds = 0, 0.0, 0.0
+        self._step_busy_cpu, self._step_tail_cpu = 0.0, 0.0
+        started = time.perf_counter()
+        replanned = self.balancer.maybe_replan(trainer.global_step, self.root_device)
+        self._collective_seconds += time.perf_counter() - started  # an all_gather: not this step's work
+        if replanned and trainer.is_global_zero:
             stats = self.balancer.stats()
             metrics = {f"balancing/share/rank{r}": share for r, share in enumerate(stats["share"])}
             metrics |= {f"balancing/speed/rank{r}": speed for r, speed in enumerate(stats["speed"])}
+            metrics |= {f"balancing/fixed_seconds/rank{r}": fixed for r, fixed in enumerate(stats["fixed_seconds"])}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     @property
     def balance_stats(self) -> dict[str, list[float]]:
-        """Per-rank share of the global batch, speed (samples/s of compute) and idle fraction."""
+        """Per-rank share of the global batch, speed (samples/s of forward and backward), fixed seconds per
+        step (hooks, zero_grad, optimizer step) and idle fraction."""
         return self.balancer.stats() if self.balancer is not None else {}
 
     # --- what a user sees -------------------------------------------------------------------------------
@@ -226,9 +339,10 @@ class EfficientDDPStrategy(DDPStrategy):
             return
         step = trainer.global_step
         if self.balancer is not None and step != self._step_seen:
+            now = time.perf_counter()
             if self._step_seen >= 0:
-                self._balance_after_step(trainer)
-            self._step_seen = step
+                self._balance_after_step(trainer, now - self._step_started)
+            self._step_seen, self._step_started = step, now
         if self._hook is None or not trainer.is_global_zero:
             return
         every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning at init, not declared
@@ -282,6 +396,7 @@ class EfficientDDPStrategy(DDPStrategy):
                     "batch_size": self.balancer.plan.batch_sizes[rank],
                     "share": stats["share"][rank],
                     "speed_samples_per_s": stats["speed"][rank] if stats["speed"] else float("nan"),
+                    "fixed_seconds_per_step": stats["fixed_seconds"][rank] if stats["fixed_seconds"] else float("nan"),
                     "idle_fraction": stats["idle_fraction"][rank] if stats["idle_fraction"] else float("nan"),
                 }
                 for rank in range(len(self.balancer.plan.batch_sizes))

@@ -11,7 +11,9 @@ from lightning_eff.balancing import (
     CostBalancer,
     ThroughputBalancer,
     assign_by_cost,
+    equal_time_sizes,
     plan_batch_sizes,
+    prefer_measured,
     split_by_weight,
 )
 from lightning_eff.tasks.text import TextDataModule
@@ -94,6 +96,8 @@ def test_throughput_balancer_validation_names_the_key() -> None:
         ThroughputBalancer(replan_every=0)
     with pytest.raises(ConfigError, match=r"^tolerance=1.0: must be in \[0, 1\)"):
         ThroughputBalancer(tolerance=1.0)
+    with pytest.raises(ConfigError, match=r"^warmup_steps=-1: must be >= 0"):
+        ThroughputBalancer(warmup_steps=-1)
     with pytest.raises(ConfigError, match=r"^min_share=0.6: must be < 1/world_size = 0.5"):
         ThroughputBalancer(min_share=0.6).setup(128, 2)
     with pytest.raises(ConfigError, match=r"^cost=words"):
@@ -101,7 +105,7 @@ def test_throughput_balancer_validation_names_the_key() -> None:
 
 
 def test_replan_moves_work_to_the_faster_rank_in_one_process() -> None:
-    balancer = ThroughputBalancer(replan_every=2, smoothing=0.0, tolerance=0.0)
+    balancer = ThroughputBalancer(replan_every=2, smoothing=0.0, tolerance=0.0, warmup_steps=0)
     balancer.setup(global_batch_size=128, world_size=1)
     balancer.record(samples=128, busy_seconds=1.0)
     assert not balancer.maybe_replan(step=1, device=torch.device("cpu"))  # not due yet
@@ -111,6 +115,99 @@ def test_replan_moves_work_to_the_faster_rank_in_one_process() -> None:
     restored = ThroughputBalancer()
     restored.load_state_dict(state)
     assert restored.plan.batch_sizes == [128] and restored.history == balancer.history
+
+
+def test_equal_time_sizes_equalise_the_predicted_step_time() -> None:
+    speeds, fixed = [160.0, 80.0], [0.005, 0.010]
+    sizes = equal_time_sizes(32, speeds, fixed)
+    times = [f + b / s for b, s, f in zip(sizes, speeds, fixed, strict=True)]
+    assert sum(sizes) == pytest.approx(32) and times[0] == pytest.approx(times[1])
+    assert sizes[0] == pytest.approx(21.6)
+    # no fixed cost, or the same extra fixed cost on every rank: the split proportional to speed
+    assert equal_time_sizes(32, speeds, [0.0, 0.0]) == pytest.approx([64 / 3, 32 / 3])
+    assert equal_time_sizes(30, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]) == pytest.approx([10.0, 10.0, 10.0])
+    # a rank whose fixed cost alone exceeds the others' step gets the minimum; a stalled one too
+    assert equal_time_sizes(32, speeds, [0.0, 1.0], minimum=2) == pytest.approx([30.0, 2.0])
+    assert equal_time_sizes(32, [100.0, 0.0, 100.0], [0.0, 0.0, 0.0], minimum=2) == pytest.approx([15, 2, 15])
+
+
+def test_plan_with_fixed_costs_gives_the_slow_rank_fewer_samples_than_its_speed_share() -> None:
+    # rank 1 is half as fast at everything, its optimizer step included
+    assert plan_batch_sizes(32, [160.0, 80.0], min_share=0.05) == [21, 11]
+    assert plan_batch_sizes(32, [160.0, 80.0], min_share=0.05, fixed_seconds=[0.005, 0.010]) == [22, 10]
+    # the min_share and tolerance rules still hold
+    assert plan_batch_sizes(100, [1.0, 1.0], min_share=0.1, fixed_seconds=[0.0, 1e3]) == [90, 10]
+    kept = plan_batch_sizes(128, [101.0, 100.0], 0.05, current=[64, 64], tolerance=0.05, fixed_seconds=[0.0, 0.01])
+    assert kept == [64, 64]
+
+
+def test_prefer_measured_lets_the_measured_step_time_decide_between_plans_that_ran() -> None:
+    measured = {(22, 10): 0.158, (21, 11): 0.171}
+    assert prefer_measured([21, 11], measured) == [22, 10]  # the model returns to a plan that ran slower
+    assert prefer_measured([22, 10], measured) == [22, 10]
+    assert prefer_measured([20, 12], measured) == [20, 12]  # not run recently: tried
+    assert prefer_measured([21, 11], {}) == [21, 11]
+    assert prefer_measured([2, 2], {(3, 1): 0.1, (1, 3): 0.1, (2, 2): 0.2}) == [1, 3]  # ties: the same on every rank
+
+
+def test_a_plans_step_time_is_measured_on_the_batches_it_cut_and_replaces_the_older_one() -> None:
+    balancer = ThroughputBalancer(replan_every=1, smoothing=0.0, tolerance=0.0, warmup_steps=0)
+    balancer.setup(global_batch_size=32, world_size=1)
+    balancer.plan.batch_sizes = [32]
+    balancer._measured = {(32,): (0, 0.1)}
+    balancer.record(samples=32, busy_seconds=0.2, step_seconds=0.3)  # a plan that ran slower now
+    balancer.maybe_replan(step=1, device=torch.device("cpu"))
+    assert balancer.history[-1]["step_seconds"] == pytest.approx(0.3) and balancer._measured[(32,)][1] == 0.3
+    balancer.record(samples=16, busy_seconds=0.1, step_seconds=9.0)  # a batch of another size (an old plan)
+    balancer.maybe_replan(step=2, device=torch.device("cpu"))
+    assert balancer.history[-1]["step_seconds"] is None and balancer._measured[(32,)][1] == 0.3
+
+
+def test_steps_far_slower_than_the_window_median_do_not_count() -> None:
+    from lightning_eff.balancing.balancers import _mean_without_outliers
+
+    assert _mean_without_outliers([0.1, 0.1, 0.12, 2.0]) == pytest.approx(0.32 / 3)  # validation ran in one
+    assert _mean_without_outliers([]) == 0.0
+
+
+def test_warmup_steps_are_left_out_and_fixed_costs_are_measured_per_step() -> None:
+    balancer = ThroughputBalancer(replan_every=5, smoothing=0.0, tolerance=0.0, warmup_steps=2)
+    balancer.setup(global_batch_size=32, world_size=1)
+    balancer.record(samples=32, busy_seconds=5.0, fixed_seconds=2.0)  # step 0: allocations, a slow first step
+    balancer.record(samples=32, busy_seconds=0.5, fixed_seconds=0.1)  # step 1: DDP rebuilds its buckets
+    for _ in range(3):
+        balancer.record(samples=32, busy_seconds=0.2, fixed_seconds=0.01)
+    balancer.maybe_replan(step=5, device=torch.device("cpu"))
+    assert balancer.speeds == pytest.approx([160.0]) and balancer.fixed_seconds == pytest.approx([0.01])
+    assert balancer.stats()["fixed_seconds"] == pytest.approx([0.01])
+    for _ in range(5):  # later windows count every step
+        balancer.record(samples=32, busy_seconds=0.4, fixed_seconds=0.02)
+    balancer.maybe_replan(step=10, device=torch.device("cpu"))
+    assert balancer.speeds == pytest.approx([80.0]) and balancer.fixed_seconds == pytest.approx([0.02])
+    assert balancer.history[-1]["busy_seconds"] == pytest.approx([0.42])  # per step, fixed part included
+
+
+def test_a_window_of_warmup_steps_only_keeps_the_plan() -> None:
+    balancer = ThroughputBalancer(replan_every=1, warmup_steps=1)
+    balancer.setup(global_batch_size=32, world_size=1)
+    balancer.record(samples=32, busy_seconds=1.0)
+    assert not balancer.maybe_replan(step=1, device=torch.device("cpu"))
+    assert balancer.speeds == [] and balancer.history == []
+
+
+def test_state_round_trip_and_checkpoints_from_before_the_fixed_cost_model() -> None:
+    balancer = ThroughputBalancer(replan_every=1, smoothing=0.5, tolerance=0.0, warmup_steps=0)
+    balancer.setup(global_batch_size=32, world_size=1)
+    balancer.record(samples=32, busy_seconds=0.2, fixed_seconds=0.01)
+    balancer.maybe_replan(step=1, device=torch.device("cpu"))
+    restored = ThroughputBalancer()
+    restored.load_state_dict(balancer.state_dict())
+    assert restored.speeds == balancer.speeds and restored.fixed_seconds == balancer.fixed_seconds
+    # an old checkpoint: speeds of forward time alone; its plan is restored, its speeds are not averaged on
+    old = ThroughputBalancer(smoothing=0.5, replan_every=1, warmup_steps=0)
+    old.load_state_dict({"batch_sizes": [20, 12], "speeds": [600.0, 300.0], "history": [], "last_replan": 10})
+    assert old.plan.batch_sizes == [20, 12] and old.plan.speeds == [600.0, 300.0] and old.speeds == []
+    assert old.setup(32, 2).batch_sizes == [20, 12]
 
 
 def test_ddp_balanced_is_a_registered_strategy_name() -> None:

@@ -96,6 +96,54 @@ def test_shares_are_restored_on_resume(tmp_path: Path) -> None:
     assert resumed[0]["sizes"][:2] == [96, 96] and resumed[1]["sizes"][:2] == [32, 32]
 
 
+MEASURE_SCRIPT = r"""
+import json, sys, time, lightning as L
+from lightning_eff import EfficientDDPStrategy
+from lightning_eff.balancing import ThroughputBalancer
+from lightning_eff.tasks import DigitsDataModule, DigitsMLP
+
+out = sys.argv[1]
+
+class SlowRank1(DigitsMLP):
+    # rank 1 is slow at the work that grows with the batch and at the fixed work around the optimizer step
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1:
+            time.sleep(0.0005 * len(batch[0]))
+        return super().training_step(batch, batch_idx)
+    def on_before_optimizer_step(self, optimizer):
+        if self.global_rank == 1:
+            time.sleep(0.05)
+
+balancer = ThroughputBalancer(replan_every=5, smoothing=0.0, tolerance=0.0)
+strategy = EfficientDDPStrategy(balancer=balancer)
+L.seed_everything(0, verbose=False)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=11, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(SlowRank1(hidden_sizes=[32]), datamodule=DigitsDataModule(batch_size=64))
+with open(f"{out}/rank{trainer.global_rank}.json", "w") as handle:
+    json.dump({"state": balancer.state_dict(), "hooks": len(strategy._grad_hooks)}, handle)
+"""
+
+
+def test_measured_work_excludes_waiting_for_the_slow_rank(tmp_path: Path) -> None:
+    (tmp_path / "measure.py").write_text(MEASURE_SCRIPT)
+    result = subprocess.run([sys.executable, "measure.py", str(tmp_path)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    state = ranks[0]["state"]
+    assert ranks[1]["state"] == state  # every rank computed the same plan from the same all-gathered numbers
+    speeds, fixed = state["speeds"], state["fixed_seconds"]
+    # rank 0 waits ~30 ms per step in the allreduce for rank 1's forward: not counted, so it measures faster
+    # (and the measured step time confirms the plan the model proposes: fewer samples on rank 1 are faster)
+    assert speeds[0] > 3 * speeds[1]
+    # rank 1's 50 ms before the optimizer step is its fixed cost; rank 0 waits for it, which is not its own
+    assert fixed[1] >= 0.05 and fixed[0] < 0.025
+    assert [entry["step"] for entry in state["history"]] == [5, 10]
+    assert state["batch_sizes"][0] > state["batch_sizes"][1] and sum(state["batch_sizes"]) == 128
+    assert ranks[0]["hooks"] == 0  # the gradient-timing hooks are removed at teardown
+
+
 def test_app_balancing_run_reports_shares_and_a_plot(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["trainer=ddp_cpu", "balancing=throughput", "balancing.replan_every=5", "trainer.max_epochs=2"]
@@ -104,4 +152,5 @@ def test_app_balancing_run_reports_shares_and_a_plot(tmp_path: Path) -> None:
     section = read_report(run_dir)["balance"]
     assert section["summary"]["global_batch"] == 128 and section["summary"]["replans"] >= 3
     assert sum(row["batch_size"] for row in section["rows"]) == 128
+    assert all(row["speed_samples_per_s"] > 0 and row["fixed_seconds_per_step"] > 0 for row in section["rows"])
     assert (run_dir / "balance.png").stat().st_size > 10_000
