@@ -85,6 +85,8 @@ class QuantizationAwareTraining(L.Callback):
         self.quantized_model: nn.Module | None = None
         self._example: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._capture: Any = None
+        self._batch: Any = None
+        self._batch_idx = -1
         self._float_bytes = 0
 
     # --- Lightning hooks -----------------------------------------------------------------------------
@@ -105,10 +107,12 @@ class QuantizationAwareTraining(L.Callback):
             destroy_process_group_at_exit()
 
     def _remember_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(args) >= 2 and args[0] is self._batch and args[1] == self._batch_idx:
+            return  # DDP: Lightning calls the module with training_step's (batch, batch_idx) to redirect forward
         detach = lambda value: value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value  # noqa: E731
         self._example = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
         self._capture.remove()
-        self._capture = None
+        self._capture, self._batch = None, None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -121,10 +125,12 @@ class QuantizationAwareTraining(L.Callback):
     ) -> None:
         if self.phase == FLOAT and trainer.global_step >= self.start_step:
             self._set_phase(trainer, pl_module, FAKE_QUANT)
-        if self._example is None and self._capture is None:
+        if self._example is None:
             # The first training batch's forward input (not the model summary's example_input_array): it times
             # inference before and after conversion and traces the export.
-            self._capture = pl_module.register_forward_pre_hook(self._remember_input, with_kwargs=True)
+            self._batch, self._batch_idx = batch, batch_idx
+            if self._capture is None:
+                self._capture = pl_module.register_forward_pre_hook(self._remember_input, with_kwargs=True)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
