@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+
+def _floored(
+    count: int, total: float, minimum: float, solve: Callable[[list[int], float], dict[int, float]]
+) -> tuple[dict[int, float], set[int]]:
+    """Parts of `total`, each at least `minimum`: `solve(free, spare)` splits what the clamped ranks leave.
+
+    A rank whose part falls below `minimum` is clamped to it and the others are solved again. The parts of the
+    free ranks sum to the spare, which is at least `minimum` per free rank, so the loop ends.
+    """
+    if total < minimum * count:
+        raise ValueError(f"cannot give {count} ranks at least {minimum} of {total}")
+    clamped: set[int] = set()
+    while True:
+        free = [i for i in range(count) if i not in clamped]
+        exact = solve(free, total - minimum * len(clamped))
+        low = [i for i in free if exact[i] < minimum]
+        if not low or len(low) == len(free):
+            return exact, clamped
+        clamped.update(low)
 
 
 def split_by_weight(total: int, weights: Sequence[float], minimum: int = 0) -> list[int]:
@@ -11,24 +31,18 @@ def split_by_weight(total: int, weights: Sequence[float], minimum: int = 0) -> l
     Ranks whose proportional part falls below `minimum` get exactly `minimum`; the rest share what is left
     in proportion. Deterministic, so every rank computing it from the same numbers gets the same split.
     """
-    count = len(weights)
-    if total < minimum * count:
-        raise ValueError(f"cannot give {count} ranks at least {minimum} of {total}")
-    clamped: set[int] = set()
-    while True:
-        free = [i for i in range(count) if i not in clamped]
-        spare = total - minimum * len(clamped)
+
+    def proportional(free: list[int], spare: float) -> dict[int, float]:
         weight_sum = sum(weights[i] for i in free)
-        exact = {i: spare * weights[i] / weight_sum if weight_sum > 0 else spare / len(free) for i in free}
-        low = [i for i in free if exact[i] < minimum]
-        if not low:
-            break
-        clamped.update(low)
+        return {i: spare * weights[i] / weight_sum if weight_sum > 0 else spare / len(free) for i in free}
+
+    exact, clamped = _floored(len(weights), total, minimum, proportional)
+    spare = total - minimum * len(clamped)
     parts = {i: int(x) for i, x in exact.items()}
-    by_remainder = sorted(free, key=lambda i: (-(exact[i] - parts[i]), i))
+    by_remainder = sorted(exact, key=lambda i: (-(exact[i] - parts[i]), i))
     for i in by_remainder[: spare - sum(parts.values())]:
         parts[i] += 1
-    return [minimum if i in clamped else parts[i] for i in range(count)]
+    return [minimum if i in clamped else parts[i] for i in range(len(weights))]
 
 
 def equal_time_sizes(
@@ -47,22 +61,15 @@ def equal_time_sizes(
     count = len(speeds)
     if len(fixed_seconds) != count:
         raise ValueError(f"{count} speeds but {len(fixed_seconds)} fixed costs")
-    if total < minimum * count:
-        raise ValueError(f"cannot give {count} ranks at least {minimum} of {total}")
-    clamped: set[int] = set()
-    while True:
-        free = [i for i in range(count) if i not in clamped]
-        spare = total - minimum * len(clamped)
+
+    def equal_time(free: list[int], spare: float) -> dict[int, float]:
         speed_sum = sum(speeds[i] for i in free)
-        if speed_sum > 0:
-            level = (spare + sum(speeds[i] * fixed_seconds[i] for i in free)) / speed_sum
-            exact = {i: speeds[i] * (level - fixed_seconds[i]) for i in free}
-        else:  # nothing measured: equal parts
-            exact = {i: spare / len(free) for i in free}
-        low = [i for i in free if exact[i] < minimum]
-        if not low or len(low) == len(free):
-            break
-        clamped.update(low)
+        if speed_sum <= 0:  # nothing measured: equal parts
+            return {i: spare / len(free) for i in free}
+        level = (spare + sum(speeds[i] * fixed_seconds[i] for i in free)) / speed_sum
+        return {i: speeds[i] * (level - fixed_seconds[i]) for i in free}
+
+    exact, clamped = _floored(count, total, minimum, equal_time)
     return [float(minimum) if i in clamped else exact[i] for i in range(count)]
 
 
