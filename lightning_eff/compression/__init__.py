@@ -8,20 +8,15 @@ Example::
     ddp_model.register_comm_hook(state=None, hook=hook)
 """
 
-from lightning_eff.compression.compressors import (
-    BF16,
-    FP16,
-    Auto,
-    BucketLayout,
-    Collectives,
-    Compressor,
-    Dense,
-    Int8,
-    PowerSGD,
-    TopK,
-)
+from lightning_eff.compression.auto import Auto
+from lightning_eff.compression.base import Compressor, Dense
+from lightning_eff.compression.casts import BF16, FP16
 from lightning_eff.compression.hooks import CompressionHook, NonFiniteGradientWarning
+from lightning_eff.compression.int8 import Int8
+from lightning_eff.compression.powersgd import PowerSGD
 from lightning_eff.compression.stats import CompressionStats, Traffic
+from lightning_eff.compression.topk import TopK
+from lightning_eff.compression.transport import BucketLayout, Collectives
 
 COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (Dense, FP16, BF16, PowerSGD, TopK, Int8, Auto)}
 

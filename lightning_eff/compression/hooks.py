@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_eff.compression.compressors import BucketLayout, Collectives, Compressor
+from lightning_eff.compression.base import Compressor
 from lightning_eff.compression.stats import CompressionStats, Traffic
+from lightning_eff.compression.transport import BucketLayout, Collectives
 
 
 class NonFiniteGradientWarning(UserWarning):
@@ -25,7 +26,7 @@ class CompressionHook:
 
     DDP calls it once per bucket per synchronizing backward (never inside `no_sync`), so `step` counts optimizer
     steps under gradient accumulation. The hook returns an already completed future: the compressor's
-    collectives are synchronous, which is what keeps multi-collective schemes like PowerSGD from deadlocking on gloo.
+    collectives are synchronous, which keeps multi-collective schemes like PowerSGD simple on gloo and NCCL alike.
 
     Compressor state is keyed by parameter name. Pass the wrapped `module` so names are the module's own; without
     it, parameters are numbered in the order the hook first sees them, which is stable across a resume only if the

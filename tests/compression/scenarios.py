@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_eff.compression import BF16, FP16, Auto, CompressionHook, Compressor, Dense, Int8, PowerSGD, TopK
-from lightning_eff.compression.compressors import BucketLayout, Collectives
+from lightning_eff.compression.transport import BucketLayout, Collectives
 
 STEPS = 40  # training steps per compressor
 POWERSGD_START = 5

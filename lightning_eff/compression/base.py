@@ -1,0 +1,77 @@
+"""The `Compressor` interface, and `Dense`, the plain allreduce mean it is measured against.
+
+A compressor performs the whole averaging of one DDP gradient bucket across ranks: it is handed the bucket's flat
+buffer, its `BucketLayout` (which parameter lies where) and a `Collectives` object (its only way to talk to other
+ranks), and returns the average over ranks, identical on every rank.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from lightning_eff.compression.transport import BucketLayout, Collectives
+from lightning_eff.validation import check
+
+
+def check_bool(key: str, value: Any) -> None:
+    """Refuse a config value `key` that is not a bool."""
+    check(isinstance(value, bool), key, value, "must be true or false")
+
+
+class Compressor(ABC):
+    """One way of averaging a gradient bucket across ranks; subclasses send fewer bytes than a dense allreduce.
+
+    Subclasses implement `compressed_mean`; `allreduce_mean` wraps it with the non-finite guard.
+    """
+
+    name: ClassVar[str]
+
+    @property
+    def compress_from(self) -> int:
+        """The first step at which this compressor compresses (earlier steps go dense)."""
+        return 0
+
+    def needs_finite_input(self, step: int) -> bool:
+        """Whether inf/NaN at this step would corrupt its state or its arithmetic (then the bucket goes dense)."""
+        return True
+
+    def allreduce_mean(self, buffer: Tensor, layout: BucketLayout, comm: Collectives, step: int) -> Tensor:
+        """The average of `buffer` over ranks (same shape and dtype), identical on every rank; may reuse `buffer`.
+
+        A bucket with inf/NaN on any rank is sent dense and leaves the state alone: one bad step (say an fp16
+        overflow that a GradScaler will skip) must not poison error feedback for the rest of the run.
+        `comm.nonfinite` tells the caller that happened.
+        """
+        if self.needs_finite_input(step) and not comm.all_finite(buffer):
+            comm.nonfinite = True
+            return comm.mean(buffer)
+        return self.compressed_mean(buffer, layout, comm, step)
+
+    @abstractmethod
+    def compressed_mean(self, buffer: Tensor, layout: BucketLayout, comm: Collectives, step: int) -> Tensor:
+        """The averaged bucket, for a finite `buffer`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state (tensors on CPU); ranks differ, so each rank's must be saved."""
+        return {"name": self.name}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"compression state was saved by {state.get('name')!r}, this compressor is {self.name!r}")
+
+
+@dataclass(eq=False)
+class Dense(Compressor):
+    """Plain allreduce mean: the reference that compressors are measured against, and `Auto`'s fallback."""
+
+    name: ClassVar[str] = "dense"
+
+    def needs_finite_input(self, step: int) -> bool:
+        return False
+
+    def compressed_mean(self, buffer: Tensor, layout: BucketLayout, comm: Collectives, step: int) -> Tensor:
+        return comm.mean(buffer)

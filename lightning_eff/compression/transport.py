@@ -1,0 +1,155 @@
+"""What a compressor works with: a bucket's layout, the collectives it may use, and the state it keeps per parameter.
+
+A compressor talks to other ranks only through `Collectives`, so bytes and seconds are counted in one place.
+Collectives are synchronous, which keeps schemes that chain several collectives per bucket simple, on gloo and
+NCCL alike.
+
+Per-rank state (error-feedback residuals, PowerSGD's Q) is keyed by parameter name, not by bucket index, and every
+scheme works per parameter: DDP rebuilds its buckets after the first step of every run, a resumed one included, so
+the same bucket index then holds other parameters in another order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# `all_gather_single` replaces `all_gather_into_tensor` (deprecated in recent torch); older torch has only the latter.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """Where each parameter's gradient lies in a bucket's flat buffer, and the name that keys its state.
+
+    Compressors work per parameter, never per bucket, so their results do not depend on how DDP grouped the
+    parameters (it regroups them after the first step of every run, resumed runs included).
+
+    Args:
+        names: one stable name per parameter, in buffer order.
+        shapes: the parameters' shapes, in buffer order; the buffer is their concatenation.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(shape) for shape in self.shapes]
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of `flat` (a buffer-shaped tensor), one per parameter, in the parameter's shape."""
+        return [piece.view(shape) for piece, shape in zip(flat.split(self.numels), self.shapes, strict=True)]
+
+
+def synchronize(tensor: Tensor) -> None:
+    """Wait until `tensor`'s device has finished its queued work (CUDA only; elsewhere work is already done)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+class Collectives:
+    """The collectives a compressor may use on one bucket, counting the bytes and seconds that stats report.
+
+    `bytes_sent` is the payload this rank contributes (numel x element size), the measure `bytes_dense` uses for
+    a dense allreduce. An allgather delivers world_size payloads to every rank where a ring allreduce moves about
+    two, so top-k's real saving shrinks as the world grows. Without an initialized process group the collectives
+    are the identity (world size 1), so compressors run, and are tested, in a single process.
+
+    Args:
+        group: the process group (None: the default group).
+        sync_timing: synchronize the device around each collective, so seconds on CUDA are real, not launch times.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, sync_timing: bool = False) -> None:
+        self.group = group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.sync_timing = sync_timing
+        self.bytes_sent = 0
+        self.seconds = 0.0
+        self.nonfinite = False
+
+    def all_reduce(self, tensor: Tensor, op: Any = dist.ReduceOp.SUM) -> Tensor:
+        """Reduce `tensor` in place across ranks (SUM unless `op` says otherwise) and return it."""
+        with self._counted(tensor):
+            if self.distributed:
+                dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's 1-D `tensor` (same size on every rank), stacked: shape (world_size, numel)."""
+        out = tensor.new_empty(self.world_size * tensor.numel())
+        with self._counted(tensor):
+            if self.distributed:
+                _all_gather_flat(out, tensor, group=self.group)
+            else:
+                out.copy_(tensor)
+        return out.view(self.world_size, -1)
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        """The dense average, in place; dividing first keeps low-precision sums from overflowing."""
+        return self.all_reduce(tensor.div_(self.world_size))
+
+    def all_finite(self, tensor: Tensor) -> bool:
+        """Whether `tensor` is finite on every rank, so that all ranks take the same branch."""
+        bad = (~torch.isfinite(tensor)).any().to(torch.float32).reshape(1)
+        return self.all_reduce(bad, dist.ReduceOp.MAX).item() == 0
+
+    def synchronize(self, tensor: Tensor) -> None:
+        """`synchronize(tensor)` if `sync_timing` is set, else nothing."""
+        if self.sync_timing:
+            synchronize(tensor)
+
+    @contextmanager
+    def _counted(self, tensor: Tensor) -> Iterator[None]:
+        self.synchronize(tensor)
+        start = time.perf_counter()
+        yield
+        self.synchronize(tensor)
+        self.seconds += time.perf_counter() - start
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+
+
+class PerParameterState:
+    """Tensors this rank keeps per parameter name (residuals, Q), saved on CPU and moved back lazily."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+
+    def get(self, name: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int]) -> Tensor | None:
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            return None
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"saved compression state for {name!r} has shape {tuple(tensor.shape)}, the gradient has "
+                f"{tuple(shape)}: the model changed since the state was saved"
+            )
+        if tensor.device != device or tensor.dtype != dtype:
+            tensor = self.tensors[name] = tensor.to(device, dtype)
+        return tensor
+
+    def put(self, name: str, tensor: Tensor) -> None:
+        self.tensors[name] = tensor
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.tensors.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.tensors = dict(state)
+
+
+def shared_seed(*parts: object) -> int:
+    """A seed that every rank derives alike from the same parts, with no generator state to save."""
+    return zlib.crc32(":".join(map(str, parts)).encode())
