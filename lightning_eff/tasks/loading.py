@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_eff.resume import batches_done_this_epoch
+
 
 def split_sizes(total: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
     """Sizes of (train, val, test) for `total` items; val and test get at least one item each."""
@@ -46,19 +48,6 @@ class EpochSeededShuffle(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(shuffled_indices(self.size, self.seed + self.epoch).tolist())
-
-
-def batches_done_this_epoch(trainer: L.Trainer | None) -> int:
-    """Training batches of the current epoch that a restored checkpoint already trained on (0 at an epoch end).
-
-    Read when a DataModule builds its training loader, which Lightning does after restoring the loops' state.
-    """
-    if trainer is None or not trainer.fit_loop.restarting:
-        return 0
-    # `processed` counts batches whose optimizer step ran, also when the checkpoint was written in
-    # on_train_batch_end (before Lightning marks the batch `completed`).
-    processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
-    return processed if processed < trainer.num_training_batches else 0
 
 
 class ResumableDataLoader(DataLoader):
