@@ -1,6 +1,7 @@
 """Strategies: EfficientDDPStrategy, registered with Lightning under `ddp_<compressor>` names at import."""
 
-from lightning_eff.strategies.ddp import EfficientDDPStrategy, register_strategies
+from lightning_eff.strategies.ddp import EfficientDDPStrategy
+from lightning_eff.strategies.registry import register_strategies
 
 register_strategies()
 

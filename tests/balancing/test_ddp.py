@@ -3,62 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.balancing import ddp_worker
 from tests.conftest import read_report, run_cli
+from tests.workers import run_worker
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = r"""
-import json, sys, torch, lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning_eff import EfficientDDPStrategy
-from lightning_eff.balancing import ThroughputBalancer
-from lightning_eff.compression import PowerSGD
-from lightning_eff.tasks import DigitsDataModule, DigitsMLP
-
-out, devices, sizes, compression, max_steps, ckpt = sys.argv[1:7]
-devices, max_steps = int(devices), int(max_steps)
-
-class Record(Callback):
-    def __init__(self):
-        self.sizes = []
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.sizes.append(len(batch[0]))
-
-balancer = ThroughputBalancer(replan_every=10**9)
-if sizes != "equal":
-    plan = [int(size) for size in sizes.split(",")]
-    balancer.load_state_dict({"batch_sizes": plan, "speeds": [], "history": [], "last_replan": 0})
-compressor = PowerSGD(rank=2, start_step=2) if compression == "powersgd" else None
-strategy = EfficientDDPStrategy(balancer=balancer, compression=compressor)
-L.seed_everything(0, verbose=False)
-record = Record()
-saver = ModelCheckpoint(dirpath=out + "/ckpt", save_top_k=-1, every_n_train_steps=10, filename="{step}")
-trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps,
-                    callbacks=[record, saver], logger=False, enable_progress_bar=False, enable_model_summary=False)
-model = DigitsMLP(hidden_sizes=[32])
-trainer.fit(model, datamodule=DigitsDataModule(batch_size=128 // devices), ckpt_path=None if ckpt == "-" else ckpt)
-with open(f"{out}/rank{trainer.global_rank}.json", "w") as handle:
-    json.dump({
-        "sizes": record.sizes,
-        "params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
-        "weight": strategy._loss_weight,
-        "ratio": strategy.compression_stats.total.ratio,
-        "plan": strategy.balancer.plan.batch_sizes,
-    }, handle)
-"""
-
 
 def run(tmp_path: Path, devices: int, sizes: str, compression: str = "none", steps: int = 25, ckpt: str = "-"):
+    """`tests.balancing.ddp_worker train` on `devices` processes; what each rank recorded."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "train.py").write_text(SCRIPT)
-    command = [sys.executable, "train.py", str(tmp_path), str(devices), sizes, compression, str(steps), ckpt]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    args = ["train", str(tmp_path), str(devices), sizes, compression, str(steps), ckpt]
+    result = run_worker(ddp_worker, args, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(devices)]
 
@@ -96,39 +56,8 @@ def test_shares_are_restored_on_resume(tmp_path: Path) -> None:
     assert resumed[0]["sizes"][:2] == [96, 96] and resumed[1]["sizes"][:2] == [32, 32]
 
 
-MEASURE_SCRIPT = r"""
-import json, sys, time, lightning as L
-from lightning_eff import EfficientDDPStrategy
-from lightning_eff.balancing import ThroughputBalancer
-from lightning_eff.tasks import DigitsDataModule, DigitsMLP
-
-out = sys.argv[1]
-
-class SlowRank1(DigitsMLP):
-    # rank 1 is slow at the work that grows with the batch and at the fixed work around the optimizer step
-    def training_step(self, batch, batch_idx):
-        if self.global_rank == 1:
-            time.sleep(0.0005 * len(batch[0]))
-        return super().training_step(batch, batch_idx)
-    def on_before_optimizer_step(self, optimizer):
-        if self.global_rank == 1:
-            time.sleep(0.05)
-
-balancer = ThroughputBalancer(replan_every=5, smoothing=0.0, tolerance=0.0)
-strategy = EfficientDDPStrategy(balancer=balancer)
-L.seed_everything(0, verbose=False)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=11, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-trainer.fit(SlowRank1(hidden_sizes=[32]), datamodule=DigitsDataModule(batch_size=64))
-with open(f"{out}/rank{trainer.global_rank}.json", "w") as handle:
-    json.dump({"state": balancer.state_dict(), "hooks": len(strategy._grad_hooks)}, handle)
-"""
-
-
 def test_measured_work_excludes_waiting_for_the_slow_rank(tmp_path: Path) -> None:
-    (tmp_path / "measure.py").write_text(MEASURE_SCRIPT)
-    result = subprocess.run([sys.executable, "measure.py", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = run_worker(ddp_worker, ["measure", str(tmp_path)], cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     state = ranks[0]["state"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,8 @@ from lightning_eff import GradualPruning
 from lightning_eff.pruning.export import shrink
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
 from lightning_eff.validation import ConfigError
+from tests.pruning import ddp_worker
+from tests.workers import run_worker
 
 QUIET: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu"}
 
@@ -194,32 +194,9 @@ def test_include_and_exclude_must_match_and_errors_list_the_layers() -> None:
         )
 
 
-DDP_SCRIPT = """
-import sys, torch, lightning as L
-from lightning_eff import GradualPruning
-from lightning_eff.tasks import DigitsDataModule, DigitsMLP
-
-L.seed_everything(0, verbose=False)
-callback = GradualPruning(target_sparsity=0.8, update_every=4, end_step=12)
-model = DigitsMLP(hidden_sizes=[64, 64])
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=16, callbacks=[callback], logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-trainer.fit(model, datamodule=DigitsDataModule())
-pattern = torch.cat([p.detach().reshape(-1) == 0 for p in model.parameters()])
-checksum = int((pattern.nonzero().reshape(-1) * 7919 % 1000003).sum())
-with open(sys.argv[1] + f".rank{trainer.global_rank}", "w") as out:
-    total = float(sum(p.sum() for p in model.parameters()))
-    out.write(f"{checksum} {callback.sparsity:.6f} {len(callback.history)} {total:.6f}")
-"""
-
-
 @pytest.mark.slow
 def test_masks_are_identical_on_every_ddp_rank(tmp_path: Path) -> None:
-    script = tmp_path / "ddp_pruning.py"
-    script.write_text(DDP_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    result = run_worker(ddp_worker, [str(tmp_path / "out")], cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = (tmp_path / "out.rank0").read_text().split()
     rank1 = (tmp_path / "out.rank1").read_text().split()

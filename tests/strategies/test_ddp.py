@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,72 +14,17 @@ from lightning_eff import EfficientDDPStrategy
 from lightning_eff.compression import PowerSGD
 from lightning_eff.validation import ConfigError
 from tests.conftest import read_report, run_cli
-
-# One script, parameterised by argv, run as a 2-process Lightning DDP job (Lightning re-launches it per rank).
-SCRIPT = r"""
-import json, sys, torch, lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
-from lightning_eff import EfficientDDPStrategy
-from lightning_eff.compression import FP16, PowerSGD
-from lightning_eff.distributed import destroy_process_group_at_exit
-from lightning_eff.tasks import DigitsDataModule, DigitsMLP
-
-out, kind, max_steps, ckpt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-
-class Record(Callback):
-    def __init__(self):
-        self.losses = []
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-if kind == "lightning_fp16_hook":
-    strategy = DDPStrategy(ddp_comm_hook=fp16_compress_hook)
-elif kind == "fp16":
-    strategy = EfficientDDPStrategy(compression=FP16())
-elif kind == "powersgd":
-    strategy = EfficientDDPStrategy(compression=PowerSGD(rank=2, start_step=3))
-else:
-    strategy = kind  # a registered name
-destroy_process_group_at_exit()  # the Lightning-DDP peers need it too (gloo exit race)
-L.seed_everything(0, verbose=False)
-record = Record()
-saver = ModelCheckpoint(dirpath=out + "/ckpt", save_top_k=-1, every_n_train_steps=15, filename="{step}")
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, callbacks=[record, saver],
-                    logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    accumulate_grad_batches=int(sys.argv[5]) if len(sys.argv) > 5 else 1,
-                    precision=sys.argv[6] if len(sys.argv) > 6 else "32-true")
-trainer.fit(DigitsMLP(hidden_sizes=[64, 64]), datamodule=DigitsDataModule(), ckpt_path=None if ckpt == "-" else ckpt)
-stats = getattr(trainer.strategy, "compression_stats", None)
-result = {
-    "losses": record.losses,
-    "global_step": trainer.global_step,
-    "strategy": type(trainer.strategy).__name__,
-    "compressor": repr(getattr(trainer.strategy, "compressor", None)),
-    "steps": stats.steps if stats else 0,
-    "ratio": stats.total.ratio if stats else None,
-    "bytes_dense": stats.total.bytes_dense if stats else 0,
-    "weights": float(sum(p.double().sum() for p in trainer.lightning_module.parameters())),
-}
-with open(f"{out}/rank{trainer.global_rank}.json", "w") as handle:
-    json.dump(result, handle)
-"""
+from tests.strategies import ddp_worker
+from tests.workers import run_worker
 
 
 def run_ddp(
     tmp_path: Path, kind: str, max_steps: int, ckpt: str = "-", accumulate: int = 1, precision: str = "32-true"
 ) -> list[dict]:
+    """Our 2-process DDP job (`tests.strategies.ddp_worker`) with this strategy; what each rank recorded."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), kind, str(max_steps), ckpt, str(accumulate), precision],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [str(tmp_path), kind, str(max_steps), ckpt, str(accumulate), precision]
+    result = run_worker(ddp_worker, args, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 

@@ -1,0 +1,112 @@
+"""CompressedCommunication: what `EfficientDDPStrategy` does with a compressor, one method per strategy hook.
+
+It registers the compressor's comm hook on the DDP model (on gloo as on NCCL: Lightning's `DDPStrategy` does so
+on CUDA only), checkpoints every rank's compressor state in rank 0's file (error feedback differs per rank) and
+hands each rank its own back on resume, logs what each step sent and reports the run's totals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_eff.compression import COMPRESSORS, Compressor
+from lightning_eff.compression.hooks import CompressionHook
+from lightning_eff.compression.stats import CompressionStats
+from lightning_eff.report import ReportSection
+from lightning_eff.validation import check_choice
+
+CHECKPOINT_KEY = "lightning_eff_compression"  # a list: each rank's compressor state, in rank order
+
+
+def resolve_compressor(value: Compressor | str | None) -> Compressor | None:
+    """A compressor, or a new one of a registered name (``"powersgd"``); None stays None."""
+    if value is None or isinstance(value, Compressor):
+        return value
+    check_choice("compression", value, tuple(COMPRESSORS))
+    return COMPRESSORS[value]()
+
+
+class CompressedCommunication:
+    """A compressor's comm hook for one DDP run, its per-rank checkpoint state, its metrics and report section."""
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.compressor = compressor
+        self.stats = CompressionStats()
+        self.hook: CompressionHook | None = None
+        self._restored_state: dict[str, Any] | None = None  # loaded before the hook exists
+        self._logged_step = -1
+
+    def register(self, model: DistributedDataParallel, sync_timing: bool) -> None:
+        """Register the hook on `model`, with this rank's restored state if a checkpoint was loaded first."""
+        self.hook = CompressionHook(self.compressor, self.stats, module=model.module, sync_timing=sync_timing)
+        if self._restored_state is not None:
+            self.hook.load_state_dict(self._restored_state)
+            self._restored_state = None
+        model.register_comm_hook(state=None, hook=self.hook)
+
+    def gather_state(self, world_size: int) -> list[Any] | None:
+        """Every rank's hook state, in rank order (a collective: every rank calls it); None before the hook."""
+        if self.hook is None:
+            return None
+        states: list[Any] = [None] * world_size
+        if dist.is_available() and dist.is_initialized():
+            dist.all_gather_object(states, self.hook.state_dict())
+        else:
+            states = [self.hook.state_dict()]
+        return states
+
+    def restore_state(self, states: list[Any], rank: int, world_size: int) -> None:
+        """Take this rank's state from a checkpoint's list; a list for another world size starts from zero."""
+        if len(states) != world_size:
+            rank_zero_warn(
+                f"the checkpoint holds compression state for {len(states)} ranks, this run has {world_size}: "
+                "error feedback starts from zero"
+            )
+            return
+        if self.hook is not None:
+            self.hook.load_state_dict(states[rank])
+        else:
+            self._restored_state = states[rank]
+
+    def log_metrics(self, trainer: L.Trainer) -> None:
+        """The last step's bytes and seconds as `compression/*`, every `log_every_n_steps` (global rank 0)."""
+        step = trainer.global_step
+        every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning at init, not declared
+        if self.hook is None or not trainer.is_global_zero:
+            return
+        if step == self._logged_step or step % every or self.stats.steps == 0:
+            return
+        self._logged_step = step
+        last = self.stats.last_step
+        metrics = {
+            "compression/ratio": last.ratio,
+            "compression/bytes_sent": float(last.bytes_sent),
+            "compression/bytes_dense": float(last.bytes_dense),
+            "compression/compress_seconds": last.compress_seconds,
+            "compression/communicate_seconds": last.communicate_seconds,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def report_section(self) -> ReportSection | None:
+        """`communication`: bytes a dense allreduce would have sent vs bytes sent, and the time it took."""
+        if self.hook is None:
+            return None
+        total, steps = self.stats.total, max(self.stats.steps, 1)
+        summary: dict[str, Any] = {
+            "compressor": repr(self.compressor),
+            "synchronizing_steps": self.stats.steps,
+            "bytes_dense_per_step": total.bytes_dense / steps,
+            "bytes_sent_per_step": total.bytes_sent / steps,
+            "compression_ratio": total.ratio,
+            "bytes_saved_total": total.bytes_dense - total.bytes_sent,
+            "compress_seconds_per_step": total.compress_seconds / steps,
+            "communicate_seconds_per_step": total.communicate_seconds / steps,
+            "nonfinite_buckets": total.nonfinite_buckets,
+        }
+        return ReportSection(name="communication", summary=summary)
