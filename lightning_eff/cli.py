@@ -21,7 +21,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from lightning_eff.config import CAPABILITY_GROUPS, ConfigError, ValidatedConfig, validate
+from lightning_eff.capabilities import CAPABILITIES, ChecksModel, ChecksWorldSize
+from lightning_eff.config import ConfigError, ValidatedConfig, validate
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.hydra_config import config_dir
 from lightning_eff.progress import EpochProgressLog
@@ -93,8 +94,8 @@ def build_trainer(
 ) -> tuple[L.Trainer, list[L.Callback]]:
     """The Trainer with the app's callbacks (checkpoints, throughput, progress) and each chosen capability.
 
-    A capability that can check itself against the model (`check_model`, e.g. pruning's include patterns)
-    does so here, so a mismatch is reported before training starts.
+    A capability that can check itself against the model (`ChecksModel`, e.g. pruning's include patterns) or
+    the number of processes (`ChecksWorldSize`) does so here, so a mismatch is reported before training starts.
     """
     trainer_kwargs = settings.trainer.trainer_kwargs()
     plugins, slurm_callbacks = slurm_plugins()
@@ -103,21 +104,25 @@ def build_trainer(
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
     if not trainer_kwargs["enable_progress_bar"]:
         callbacks.append(EpochProgressLog())
-    chosen: dict[str, Any] = {}
-    for group in CAPABILITY_GROUPS:
-        if settings.groups[group] is not None:
-            chosen[group] = plugin = instantiate_group(cfg, group)
-            if hasattr(plugin, "check_model"):
-                try:
-                    plugin.check_model(model)
-                except ConfigError as error:
-                    raise error.under(group) from None
-            if isinstance(plugin, L.Callback):
-                callbacks.append(plugin)
-    if "compression" in chosen or "balancing" in chosen:
-        trainer_kwargs["strategy"] = EfficientDDPStrategy(
-            compression=chosen.get("compression"), balancer=chosen.get("balancing")
-        )
+    strategy_kwargs: dict[str, Any] = {}
+    world_size = settings.trainer.world_size()
+    for capability in CAPABILITIES:
+        if settings.groups[capability.group] is None:
+            continue
+        plugin = instantiate_group(cfg, capability.group)
+        try:
+            if isinstance(plugin, ChecksModel):
+                plugin.check_model(model)
+            if isinstance(plugin, ChecksWorldSize) and world_size is not None:
+                plugin.check_world_size(world_size)
+        except ConfigError as error:
+            raise error.under(capability.group) from None
+        if capability.strategy_argument is not None:
+            strategy_kwargs[capability.strategy_argument] = plugin
+        elif isinstance(plugin, L.Callback):
+            callbacks.append(plugin)
+    if strategy_kwargs:
+        trainer_kwargs["strategy"] = EfficientDDPStrategy(**strategy_kwargs)
     callbacks += slurm_callbacks  # last: its requeue checkpoint sees every plugin's state after the step
     trainer = L.Trainer(
         default_root_dir=run_dir,

@@ -20,9 +20,9 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from lightning_eff.capabilities import CAPABILITIES, CAPABILITY_GROUPS
 from lightning_eff.validation import ConfigError, check, check_choice, check_fraction, check_int
 
-CAPABILITY_GROUPS = ("pruning", "quantization", "compression", "balancing")
 LOGGERS = ("csv", "tensorboard", "none")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
@@ -380,17 +380,13 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
     for name in CAPABILITY_GROUPS:
         node = cfg.get(name)
         groups[name] = validate_target_node(name, node) if node else None  # `none` members compose to {}
-    for name, what in (("compression", "compresses gradients"), ("balancing", "balances work")):
-        if groups[name] is None:
+    for capability in CAPABILITIES:
+        if capability.across_ranks is None or groups[capability.group] is None:
             continue
-        target = cfg[name]._target_
+        name, target = capability.group, cfg[capability.group]._target_
         check(trainer.world_size() != 1, f"{name}._target_", target,
-              f"{what} between processes, but this trainer runs one; use trainer=ddp_cpu or "
+              f"{capability.across_ranks} between processes, but this trainer runs one; use trainer=ddp_cpu or "
               "trainer=ddp with trainer.devices >= 2")  # fmt: skip
         check(trainer.strategy in ("ddp", "auto"), "trainer.strategy", trainer.strategy,
               f"must be ddp (or auto) when a {name} group is chosen")  # fmt: skip
-    world_size = trainer.world_size()
-    if groups["balancing"] is not None and world_size and "min_share" in cfg.balancing:
-        check(cfg.balancing.min_share < 1 / world_size, "balancing.min_share", cfg.balancing.min_share,
-              f"must be < 1/world_size = {1 / world_size:.3g}")  # fmt: skip
     return ValidatedConfig(run=run, trainer=trainer, groups=groups)

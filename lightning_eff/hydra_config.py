@@ -10,8 +10,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-# Groups a user's app can compose; `experiment/` and `hydra/` belong to the `lightning-eff` app itself.
-SHARED_GROUPS = ("trainer", "model", "data", "pruning", "quantization", "compression", "balancing")
+from lightning_eff.capabilities import SHARED_GROUPS
+
 _PACKAGE_HEADER = re.compile(r"^#\s*@package\s+(\S+)", re.MULTILINE)
 
 

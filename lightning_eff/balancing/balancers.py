@@ -111,10 +111,14 @@ class ThroughputBalancer:
 
     # --- set-up ---------------------------------------------------------------------------------------
 
-    def setup(self, global_batch_size: int, world_size: int) -> BatchPlan:
-        """The plan for a run: restored from a checkpoint, or equal shares. Measuring starts anew."""
+    def check_world_size(self, world_size: int) -> None:
+        """Every rank must be able to get `min_share`: the app asks before launch, `setup` again at run time."""
         check(self.min_share < 1 / world_size, "min_share", self.min_share,
               f"must be < 1/world_size = {1 / world_size:.3g}")  # fmt: skip
+
+    def setup(self, global_batch_size: int, world_size: int) -> BatchPlan:
+        """The plan for a run: restored from a checkpoint, or equal shares. Measuring starts anew."""
+        self.check_world_size(world_size)
         if len(self.plan.batch_sizes) != world_size or sum(self.plan.batch_sizes) != global_batch_size:
             self.plan.batch_sizes = split_by_weight(global_batch_size, [1.0] * world_size, minimum=1)
             self.plan.speeds = [1.0] * world_size
