@@ -66,7 +66,3 @@ class SparsitySchedule:
             return target + (start - target) * (1.0 - progress) ** 3
         # exponential: remaining density decays geometrically from (1 - start) to (1 - target)
         return 1.0 - (1.0 - start) * math.exp(progress * math.log((1.0 - target) / (1.0 - start)))
-
-    def is_update_step(self, step: int) -> bool:
-        """Whether the sparsity changes at `step` (the callback recomputes masks only then)."""
-        return self.last_update_step(step) == step
