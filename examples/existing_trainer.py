@@ -1,8 +1,8 @@
 """Adding lightning_eff to an existing Lightning script: the only lines that change are the Trainer's.
 
 This is a plain Lightning script with its own model and data (scikit-learn's digits). lightning_eff's
-callbacks go into `callbacks=[...]` and its strategy into `strategy=...`; `suite_callbacks()` and
-`suite_strategy()` below are where they are built. It trains on 2 CPU processes (gloo) with gradual
+callbacks go into `callbacks=[...]` and its strategy into `strategy=...`; `main()` and `suite_strategy()`
+below are where they are built. It trains on 2 CPU processes (gloo) with gradual
 pruning, quantization-aware training (converted to int4 weights at the end), PowerSGD gradient compression
 and throughput-balanced batches.
 Run: `.venv/bin/python examples/existing_trainer.py`.
@@ -47,14 +47,6 @@ def digits_loader() -> DataLoader:
     return DataLoader(TensorDataset(images, torch.tensor(digits.target)), batch_size=64, shuffle=True)
 
 
-def suite_callbacks() -> list[L.Callback]:
-    """lightning_eff's callbacks: 60% of the Linear weights pruned on a cubic schedule, then QAT (int4 weights)."""
-    return [
-        GradualPruning(target_sparsity=0.6, update_every=10),
-        QuantizationAwareTraining("int8_dynamic_act_int4_weight", start_step=150),
-    ]
-
-
 def suite_strategy() -> L.pytorch.strategies.Strategy:
     """lightning_eff's strategy: DDP with PowerSGD-compressed gradients and batches sized to each rank's speed."""
     return EfficientDDPStrategy(
@@ -65,20 +57,22 @@ def suite_strategy() -> L.pytorch.strategies.Strategy:
 
 def main() -> None:
     L.seed_everything(0)
+    # lightning_eff's callbacks: 60% of the Linear weights pruned on a cubic schedule, then QAT (int4 weights).
+    pruning = GradualPruning(target_sparsity=0.6, update_every=10)
+    qat = QuantizationAwareTraining("int8_dynamic_act_int4_weight", start_step=150)
     trainer = L.Trainer(
         max_epochs=15,
         accelerator="cpu",
         devices=2,
-        callbacks=suite_callbacks(),
+        callbacks=[pruning, qat],
         strategy=suite_strategy(),
         logger=False,
         enable_checkpointing=False,
     )
     trainer.fit(MyClassifier(), train_dataloaders=digits_loader())
     if trainer.is_global_zero:
-        pruning = next(c for c in trainer.callbacks if isinstance(c, GradualPruning))  # type: ignore[attr-defined]
-        qat = next(c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining))  # type: ignore[attr-defined]
-        print(f"quantized={type(qat.quantized_model.get_submodule('net.1')).__name__}")  # type: ignore[union-attr]
+        assert qat.quantized_model is not None  # converted on rank 0 at the end of fit
+        print(f"quantized={type(qat.quantized_model.get_submodule('net.1')).__name__}")
         print(f"sparsity={pruning.sparsity:.3f}")
         print(f"final train_loss={float(trainer.callback_metrics['train_loss']):.4f}")
 

@@ -2,7 +2,8 @@
 
 Pure elementwise tensor code with no data-dependent Python branches, so `torch.compile` fuses it into the
 matmul's neighbours without graph breaks (torchao's fake quantizers cost 2.85-3.05x the float step on an
-H100, a plain one like this 1.04x compiled: `../shared/anchors.md`). The numerics follow torchao's QAT fake
+H100, a plain one like this 1.04x compiled; `benchmarks/quantization.py` measures both side by side, on
+the CPU and, with `--only gpu`, on a GPU). The numerics follow torchao's QAT fake
 quantizers, so a model trained here converts like one trained there:
 
 - activations: per token (last dim), asymmetric int8, ``scale = (max - min) / 255`` over a range that always

@@ -1,7 +1,8 @@
 """The named quantization schemes: what is fake-quantized in training and what the converted model stores.
 
 Why the pieces behind each name are ours and torchao is the reference, not the backend (torchao 0.18,
-torch 2.13, measured on this project's 2-core x86 CPU; `benchmarks/quantization.py`, `../shared/anchors.md`):
+torch 2.13, measured on this project's 2-core x86 CPU; `benchmarks/quantization.py`; its `--only gpu` part repeats
+the H100 step-time measurement quoted below):
 
 - training: torchao's `QATConfig` accepts the Intx bases below but refuses `Int8WeightOnlyConfig` and
   `Int8DynamicActivationInt8WeightConfig` ("Unexpected base config"), and its fake quantizers cost 2.85-3.05x
