@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from lightning_eff.capabilities import CAPABILITIES, ChecksModel, ChecksWorldSize
+from lightning_eff.checkpoints import AtomicCheckpointIO, newest_whole_checkpoint
 from lightning_eff.config import ConfigError, ValidatedConfig, validate
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.hydra_config import config_dir
@@ -49,20 +50,31 @@ def build_logger(kind: str, run_dir: Path) -> Logger | bool:
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
-    """The checkpoint to resume from: an explicit path, or for `auto` the newest `.ckpt` under run_dir.
+    """The checkpoint to resume from: an explicit path, or for `auto` the newest whole `.ckpt` under run_dir.
 
-    A requeued SLURM job (SLURM_RESTART_COUNT > 0) resumes as with `auto` unless told otherwise.
+    A requeued SLURM job (SLURM_RESTART_COUNT > 0) resumes as with `auto` unless told otherwise. A newest
+    checkpoint cut short by a job that died mid-write (or otherwise corrupt) is skipped with one line each,
+    and the newest whole one is used; if there are checkpoints but none is whole, that is an error listing them.
     """
     if resume is None and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
         resume = "auto"
     if resume != "auto":
         return resume
-    checkpoints = sorted(run_dir.rglob("*.ckpt"), key=lambda path: path.stat().st_mtime)
-    if not checkpoints:
+    candidates = list(run_dir.rglob("*.ckpt"))
+    if not candidates:
         rank_zero_info(f"resume=auto: no checkpoint in {run_dir} yet, starting fresh")
         return None
-    rank_zero_info(f"resume=auto: resuming from {checkpoints[-1]}")
-    return str(checkpoints[-1])
+    skipped: list[str] = []
+
+    def skip(path: Path, problem: str) -> None:
+        skipped.append(f"{path} ({problem})")
+        rank_zero_info(f"resume=auto: skipping {path}: not a whole checkpoint ({problem})")
+
+    chosen = newest_whole_checkpoint(candidates, skip)
+    if chosen is None:
+        raise ConfigError("resume", "auto", f"no whole checkpoint in {run_dir}; tried: {'; '.join(skipped)}")
+    rank_zero_info(f"resume=auto: resuming from {chosen}")
+    return str(chosen)
 
 
 def discard_consumed_requeue_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
@@ -99,6 +111,7 @@ def build_trainer(
     """
     trainer_kwargs = settings.trainer.trainer_kwargs()
     plugins, slurm_callbacks = slurm_plugins()
+    plugins.append(AtomicCheckpointIO())  # a job killed mid-save leaves the previous checkpoint whole
     callbacks: list[L.Callback] = [ThroughputMeter()]
     if settings.trainer.enable_checkpointing:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))

@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 import torch
 
+from lightning_eff.checkpoints import atomic_write_text
+
 
 @dataclass
 class ReportSection:
@@ -82,7 +84,7 @@ def write_report(sections: list[ReportSection], run_dir: Path) -> Path:
         for section in sections
     }
     path = run_dir / "report.json"
-    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
     return path
 
 

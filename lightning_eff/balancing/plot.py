@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training nodes
 import matplotlib.pyplot as plt
 
+from lightning_eff.checkpoints import atomic_path
+
 
 def plot_balance(history: list[dict[str, Any]], path: Path) -> Path | None:
     """Write a two-panel PNG (shares, per-rank busy seconds per step in each re-plan window) to `path`; None if none."""
@@ -29,6 +31,7 @@ def plot_balance(history: list[dict[str, Any]], path: Path) -> Path | None:
         axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
     return path

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training nodes
 import matplotlib.pyplot as plt
 
+from lightning_eff.checkpoints import atomic_path
+
 
 def plot_pruning(history: list[dict[str, float]], layer_sparsity: dict[str, float], path: Path) -> Path:
     """Write a two-panel PNG to `path` and return it."""
@@ -27,6 +29,7 @@ def plot_pruning(history: list[dict[str, float]], layer_sparsity: dict[str, floa
     per_layer.set_title("Final sparsity per layer")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
     return path

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_eff.checkpoints import atomic_path
 from lightning_eff.quantization.fake_quant import activation_integers, activation_qparams, quantize_weight
 from lightning_eff.quantization.prepare import FakeQuantizedLinear
 from lightning_eff.quantization.schemes import SCHEMES, QuantScheme
@@ -189,7 +190,8 @@ def save_quantized(model: nn.Module, path: str | Path, example_args: tuple[Any, 
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, Tensor) else None for a in example_args)
     program = torch.export.export(model.eval(), example_args, dynamic_shapes=dynamic)
-    torch.export.save(program, str(path), extra_files={"format": FORMAT, "scheme": _scheme_names(model)})
+    with atomic_path(path) as temporary:  # a job killed mid-write leaves the previous file, not half of one
+        torch.export.save(program, str(temporary), extra_files={"format": FORMAT, "scheme": _scheme_names(model)})
     return path
 
 
