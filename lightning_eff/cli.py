@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from lightning_eff.capabilities import CAPABILITIES, ChecksModel, ChecksWorldSize
 from lightning_eff.checkpoints import AtomicCheckpointIO, newest_whole_checkpoint
 from lightning_eff.config import ConfigError, ValidatedConfig, validate
-from lightning_eff.distributed import destroy_process_group_at_exit
+from lightning_eff.distributed import dead_ranks, destroy_process_group_at_exit
 from lightning_eff.hydra_config import config_dir
 from lightning_eff.progress import EpochProgressLog
 from lightning_eff.report import (
@@ -47,6 +47,13 @@ def build_logger(kind: str, run_dir: Path) -> Logger | bool:
     if kind == "tensorboard":
         return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
     return False
+
+
+RESUME_HINT = "Its checkpoints are written atomically: run it again with resume=auto to continue."
+
+
+class RankDied(RuntimeError):
+    """Another process of the run died; the message names it."""
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
@@ -194,6 +201,10 @@ def train(cfg: DictConfig, run_dir: Path) -> list[ReportSection] | None:
         if trainer.is_global_zero:
             requeue_job()
         return None
+    except Exception as error:
+        if dead := dead_ranks(trainer):
+            raise RankDied(f"{'; '.join(dead)}; the run stopped ({type(error).__name__}). {RESUME_HINT}") from error
+        raise
     discard_consumed_requeue_checkpoints(trainer, run_dir)
     test_metrics: dict[str, float] = {}
     if settings.run.test_after_fit:
@@ -221,6 +232,9 @@ def run(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"lightning-eff: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RankDied as error:
+        print(f"lightning-eff: error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
