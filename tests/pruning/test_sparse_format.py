@@ -1,0 +1,68 @@
+"""The packed sparse format: exact round trip, and bytes on disk that shrink with sparsity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_eff.pruning.masks import unstructured_masks
+from lightning_eff.pruning.sparse_format import (
+    load_sparse,
+    load_sparse_into,
+    pack_bits,
+    save_sparse,
+    unpack_bits,
+)
+
+
+def test_bits_round_trip_for_any_length() -> None:
+    for count in (1, 7, 8, 9, 1000):
+        mask = torch.rand(count, generator=torch.Generator().manual_seed(count)) > 0.5
+        assert torch.equal(unpack_bits(pack_bits(mask), count), mask)
+        assert pack_bits(mask).numel() == -(-count // 8)
+
+
+def pruned_mlp(sparsity: float) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    weights = {name: p for name, p in model.named_parameters() if name.endswith("weight")}
+    masks = unstructured_masks(weights, sparsity, "global")
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.masked_fill_(masks[name], 0.0)
+    return model
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9])
+def test_packed_file_round_trips_and_is_smaller(tmp_path: Path, sparsity: float) -> None:
+    model = pruned_mlp(sparsity)
+    dense_path, packed_path = tmp_path / "dense.pt", tmp_path / "packed.pt"
+    torch.save(model.state_dict(), dense_path)
+    save_sparse(model, packed_path)
+    restored = load_sparse_into(pruned_mlp(0.0), packed_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+    ratio = packed_path.stat().st_size / dense_path.stat().st_size
+    # bitmap (1/32 of fp32) + surviving values; the biases stay dense
+    assert ratio < (1 - sparsity) + 1 / 32 + 0.02, ratio
+
+
+def test_integer_and_dense_tensors_pass_through(tmp_path: Path) -> None:
+    state = {
+        "int8": torch.tensor([[0, 3, 0, 0], [0, 0, -2, 0]] * 8, dtype=torch.int8),
+        "dense": torch.randn(16),
+        "empty": torch.zeros(0),
+    }
+    save_sparse(state, tmp_path / "x.pt")
+    loaded = load_sparse(tmp_path / "x.pt")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    assert loaded["int8"].dtype == torch.int8
+
+
+def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
+    torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"is not a lightning_eff\.sparse/1 file"):
+        load_sparse(tmp_path / "plain.pt")
