@@ -33,18 +33,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import os
-import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,16 +46,35 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import elapsed, print_table, progress
+from harness import (
+    Goal,
+    JobFailed,
+    JobRunner,
+    Launch,
+    StepRecorder,
+    command_line,
+    exit_on_sigterm,
+    finish,
+    fit,
+    free_port,
+    job_env,
+    machine_facts,
+    parse_choices,
+    print_table,
+    progress,
+    quiet_lightning,
+    report_goals,
+    validation_loss,
+    worker_command,
+    write_json,
+)
 from lightning.pytorch.strategies import DDPStrategy
-from typing_extensions import override
 
 from lightning_eff import EfficientDDPStrategy
 from lightning_eff.balancing import CostBalancer, ThroughputBalancer
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.tasks import TextDataModule, TinyGPT
 
-REPO = Path(__file__).resolve().parent.parent
 PARTS = ("slow", "equal", "loss", "cost")
 SLOWDOWNS = ("auto", "quota", "busy")
 CORE_ENV = "LEBENCH_CORE"  # a standalone run's core; DDP ranks use their LOCAL_RANK
@@ -148,11 +161,6 @@ QUICK = Plan(
 )
 
 
-def goal(description: str, met: bool) -> dict[str, Any]:
-    print(f"goal: {description} -> {'PASS' if met else 'MISS'}")
-    return {"goal": description, "met": met}
-
-
 # --- one job: what each rank trains and records ----------------------------------------------------------
 
 
@@ -172,42 +180,14 @@ class Job:
     plan: dict[str, Any]
 
 
-class StepRecorder(L.Callback):
-    """Each rank's record of its steps: start and end of the batch, local loss, samples and tokens.
-
-    Rank 0 also appends each step to `progress_path`, so the harness sees a stalled job as it stalls.
-    """
-
-    def __init__(self, progress_path: Path | None) -> None:
-        self.progress_path = progress_path
-        self.rows: list[dict[str, Any]] = []
-        self._start = 0.0
-
-    @override
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._start = time.perf_counter()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        end = time.perf_counter()
-        _, targets = batch
-        row = {
-            "step": trainer.global_step - 1,
-            "start": self._start,
-            "end": end,
-            "loss": float(outputs["loss"]),
-            "samples": int(targets.shape[0]),
-            "tokens": int((targets != -100).sum()),  # -100: padding, which the loss ignores
-            "padded_tokens": int(targets.numel()),  # what the model computes on
-        }
-        self.rows.append(row)
-        if self.progress_path is not None:
-            with self.progress_path.open("a") as file:
-                file.write(json.dumps(row) + "\n")
+def batch_counts(trainer: L.Trainer, outputs: Any, batch: Any) -> dict[str, int]:
+    """A step's samples, the tokens its loss counts and the tokens the model computes on (padding included)."""
+    _, targets = batch
+    return {
+        "samples": int(targets.shape[0]),
+        "tokens": int((targets != -100).sum()),  # -100: padding, which the loss ignores
+        "padded_tokens": int(targets.numel()),
+    }
 
 
 def join_cgroup(cgroup: str) -> None:
@@ -224,20 +204,6 @@ def strategy(job: Job, plan: Plan) -> DDPStrategy | str:
     return EfficientDDPStrategy(balancer=balancer, process_group_backend="gloo")
 
 
-@torch.no_grad()
-def validation_loss(model: TinyGPT, data: TextDataModule, windows: int) -> float:
-    """Mean loss over the first `windows` validation windows (fixed length; the same for every method)."""
-    assert data.val_set is not None
-    model.eval()
-    count = min(windows, len(data.val_set))
-    total = 0.0
-    for start in range(0, count, 32):
-        pairs = [data.val_set[i] for i in range(start, min(start + 32, count))]
-        tokens, targets = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        total += float(model._loss((tokens, targets))) * len(pairs)
-    return total / count
-
-
 def worker(job: Job) -> None:
     """Train `job` on this rank (pinned to its core, slowed if it is the slow rank) and write its record."""
     rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -245,9 +211,7 @@ def worker(job: Job) -> None:
     if job.cgroup is not None and rank == job.slow_rank:
         join_cgroup(job.cgroup)
     torch.set_num_threads(1)  # one core per rank: more threads would only contend
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
+    quiet_lightning()
     plan = Plan(**job.plan)
     L.seed_everything(job.seed, verbose=False)
     seq_len = plan.cost_seq_len if job.variable_length else plan.seq_len
@@ -258,29 +222,18 @@ def worker(job: Job) -> None:
         min_seq_len=plan.cost_min_seq_len if job.variable_length else None,
     )
     result_dir = Path(job.result_dir)
-    recorder = StepRecorder(result_dir / "progress.jsonl" if rank == 0 else None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=job.devices,
-        strategy=strategy(job, plan),
-        max_steps=job.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[recorder],
+    # Rank 0 also streams its rows to progress.jsonl, so the watchdog sees a stalled job as it stalls.
+    recorder = StepRecorder(batch_counts, progress_path=result_dir / "progress.jsonl" if rank == 0 else None)
+    trainer, seconds = fit(
+        model, data, [recorder], devices=job.devices, strategy=strategy(job, plan), max_steps=job.steps
     )
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    result: dict[str, Any] = {"rows": recorder.rows, "fit_seconds": time.perf_counter() - started}
+    result: dict[str, Any] = {"rows": recorder.rows, "fit_seconds": seconds}
     if rank == 0:
         result["parameters"] = sum(p.numel() for p in model.parameters())
         result["val_loss"] = validation_loss(model, data, plan.val_windows)
         balancer = getattr(trainer.strategy, "balancer", None)
         if isinstance(balancer, ThroughputBalancer):
-            result["balance_stats"] = trainer.strategy.balance_stats
+            result["balance_stats"] = trainer.strategy.balance_stats  # type: ignore[attr-defined]
             result["history"] = balancer.history
     (result_dir / f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -346,42 +299,16 @@ def choose_slowdown(requested: str) -> str:
         return "busy"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def kill_group(process: subprocess.Popen[Any], grace: float) -> None:
-    """Wait up to `grace` seconds for the job's other processes (rank 1), then kill its whole process group."""
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-class JobFailed(RuntimeError):
-    """A job stalled or exited without its results."""
-
-
-class Runner:
+class Runner(JobRunner):
     """Starts jobs as their own process groups, watches them for stalls, and collects every rank's record."""
 
-    def __init__(self, plan: Plan, workdir: Path, seed: int) -> None:
+    def __init__(self, plan: Plan, seed: int) -> None:
+        super().__init__("balancing-bench-", seed, plan.stall_seconds, STARTUP_SECONDS)
         self.plan = plan
-        self.workdir = workdir
-        self.seed = seed
-        self.count = 0
         self.records: dict[str, list[dict[str, Any]]] = {}  # every job's per-rank record, for the JSON
 
     def job(self, name: str, method: str, steps: int, **kwargs: Any) -> Job:
-        self.count += 1
-        result_dir = self.workdir / f"{self.count:02d}-{name}"
+        result_dir = self.stem(name)
         result_dir.mkdir()
         fields: dict[str, Any] = {
             "variable_length": False,
@@ -394,61 +321,35 @@ class Runner:
         return Job(name=name, method=method, steps=steps, result_dir=str(result_dir), plan=asdict(self.plan), **fields)
 
     def run(self, jobs: Sequence[Job], cores: Sequence[int | None]) -> list[list[dict[str, Any]]]:
-        """Run `jobs` side by side (`cores`: a standalone job's core, None for DDP); every rank's record each."""
-        started = time.monotonic()
-        processes = [self._start(job, core) for job, core in zip(jobs, cores, strict=True)]
-        try:
-            for job, process in zip(jobs, processes, strict=True):
-                self._watch(job, process)
-        finally:
-            for process in processes:
-                kill_group(process, grace=0 if process.poll() is None else 10)
-                process.wait()
-        results = [self._collect(job) for job in jobs]
-        self.records.update((Path(job.result_dir).name, ranks) for job, ranks in zip(jobs, results, strict=True))
-        progress(f"  {', '.join(job.name for job in jobs)}: {time.monotonic() - started:.0f}s")
-        return results
+        """Run `jobs` side by side (`cores`: a standalone job's core, None for DDP); every rank's record each.
 
-    def _start(self, job: Job, core: int | None) -> subprocess.Popen[Any]:
-        """Start `job` as its own process group (so a stall kills every rank), logging to its directory."""
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop(CORE_ENV, None)
-        if core is not None:
-            env[CORE_ENV] = str(core)
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(job))]
-        log = os.open(Path(job.result_dir, "log.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:  # the job keeps its own copy of the descriptor
-            return subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        Raises `JobFailed` if any of them stalls (killed by the watchdog) or ends without every rank's record.
+        """
+        launches = []
+        for job, core in zip(jobs, cores, strict=True):
+            env = job_env(free_port())
+            env.pop(CORE_ENV, None)
+            if core is not None:
+                env[CORE_ENV] = str(core)
+            result_dir = Path(job.result_dir)
+            launches.append(
+                Launch(
+                    name=job.name,
+                    command=worker_command(__file__, job),
+                    env=env,
+                    log_path=result_dir / "log.txt",
+                    progress_path=result_dir / "progress.jsonl",
+                    result_paths=tuple(result_dir / f"rank{rank}.json" for rank in range(job.devices)),
+                )
             )
-        finally:
-            os.close(log)
-
-    def _watch(self, job: Job, process: subprocess.Popen[Any]) -> None:
-        progress_file = Path(job.result_dir, "progress.jsonl")
-        last_step_at, steps_done = time.monotonic(), 0
-        while process.poll() is None:
-            time.sleep(0.5)
-            rows = progress_file.read_text().count("\n") if progress_file.exists() else 0
-            if rows > steps_done:
-                steps_done, last_step_at = rows, time.monotonic()
-            limit = self.plan.stall_seconds if steps_done else STARTUP_SECONDS
-            if time.monotonic() - last_step_at > limit:
-                raise JobFailed(f"{job.name}: no step finished in {limit:.0f}s after {steps_done} steps (killed)")
-
-    def _collect(self, job: Job) -> list[dict[str, Any]]:
-        paths = [Path(job.result_dir, f"rank{rank}.json") for rank in range(job.devices)]
-        missing = [path.name for path in paths if not path.exists()]
-        if missing:
-            tail = Path(job.result_dir, "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
-            raise JobFailed(f"{job.name}: no {', '.join(missing)}; log ends: {' | '.join(tail)}")
-        return [json.loads(path.read_text()) for path in paths]
+        outcomes = self.launch(launches)
+        for launch, outcome in zip(launches, outcomes, strict=True):
+            if outcome.status != "completed":
+                raise JobFailed(f"{launch.name}: {outcome.status}: {outcome.detail}")
+        results = [[json.loads(path.read_text()) for path in launch.result_paths] for launch in launches]
+        self.records.update((Path(job.result_dir).name, ranks) for job, ranks in zip(jobs, results, strict=True))
+        progress(f"  {', '.join(job.name for job in jobs)}: {max(o.seconds for o in outcomes):.0f}s")
+        return results
 
 
 # --- summarising ------------------------------------------------------------------------------------------
@@ -630,10 +531,10 @@ def report_slow(slow: dict[str, Any], plan: Plan) -> dict[str, Any]:
         "mean_balanced_vs_plain": mean_balanced / mean_plain,
         "history": history,
         "balance_stats": stats,
-        "goals": [
-            goal(f"balanced >= 90% of ideal: {vs_ideal:.1%}", vs_ideal >= 0.9),
-            goal(f"balanced >= 1.3x plain DDP: {vs_plain:.2f}x", vs_plain >= 1.3),
-        ],
+        "goals": report_goals(
+            Goal("balanced >= 90% of ideal", f"{vs_ideal:.1%}", vs_ideal >= 0.9),
+            Goal("balanced >= 1.3x plain DDP", f"{vs_plain:.2f}x", vs_plain >= 1.3),
+        ),
     }
 
 
@@ -667,51 +568,70 @@ def report_loss(slow: dict[str, Any], plan: Plan) -> dict[str, Any]:
         train_noise = max(train_noise, abs(noise["train_loss"] - plain["train_loss"]))
         val_noise = abs(noise["val_loss"] - plain["val_loss"])
     goals = [
-        goal(
-            f"train loss within noise: |balanced - plain| = {train_gap:.4f} <= {train_noise:.4f} "
+        Goal(
+            "train loss within noise",
+            f"|balanced - plain| = {train_gap:.4f} <= {train_noise:.4f} "
             "(the larger of the seed-to-seed gap and 2 standard errors of the difference)",
             train_gap <= train_noise,
-        )
+        ),
+        Goal(
+            "val loss within noise",
+            f"|balanced - plain| = {val_gap:.4f}; no seed+1 run (--quick), so no noise level to judge it"
+            if val_noise is None
+            else f"|balanced - plain| = {val_gap:.4f} <= seed-to-seed gap {val_noise:.4f}",
+            None if val_noise is None else val_gap <= val_noise,
+        ),
     ]
-    if val_noise is None:
-        print(f"val loss: |balanced - plain| = {val_gap:.4f}; no seed+1 run (--quick), so no noise level to judge it")
-    else:
-        goals.append(
-            goal(
-                f"val loss within noise: |balanced - plain| = {val_gap:.4f} <= seed-to-seed gap {val_noise:.4f}",
-                val_gap <= val_noise,
-            )
-        )
-    return {"runs": finals, "goals": goals}
+    return {"runs": finals, "goals": report_goals(*goals)}
+
+
+Measure = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def interleaved(
+    runner: Runner, part: str, methods: Sequence[str], rounds: int, steps: int, measure: Measure, **fields: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Each method once per round, in `rounds` rounds, so machine drift hits all alike: `measure` of every run."""
+    runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
+    for round_index in range(rounds):
+        for method in methods:
+            job = runner.job(f"{part}-{method}-{round_index}", method, steps, **fields)
+            runs[method].append(measure(runner.run([job], cores=[None])[0]))
+    return runs
+
+
+def round_rows(
+    runs: dict[str, list[dict[str, Any]]], label: Callable[[str], str], columns: Callable[[dict[str, Any]], list[str]]
+) -> list[list[str]]:
+    """A table row per method and round: its label, median step and end-to-end ms, then `columns` of the run."""
+    return [
+        [
+            f"{label(method)}, round {index + 1}",
+            f"{run['median_step_seconds'] * 1e3:.1f}",
+            f"{run['median_end_to_end_seconds'] * 1e3:.1f}",
+            *columns(run),
+        ]
+        for method, measured in runs.items()
+        for index, run in enumerate(measured)
+    ]
 
 
 def run_equal(runner: Runner, plan: Plan) -> dict[str, Any]:
     """Plain and balanced DDP with no slowdown, interleaved in rounds."""
     progress("equal: no slowdown")
-    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "balanced": []}
-    for round_index in range(plan.equal_rounds):
-        for method in runs:
-            job = runner.job(f"equal-{method}-{round_index}", method, plan.equal_steps)
-            ranks = runner.run([job], cores=[None])[0]
-            measured = throughput(ranks, plan.measure_from)
-            measured["splits"] = shares_text(ranks[0].get("history", []))
-            runs[method].append(measured)
-    return runs
+
+    def measure(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        return throughput(ranks, plan.measure_from) | {"splits": shares_text(ranks[0].get("history", []))}
+
+    return interleaved(runner, "equal", ("plain", "balanced"), plan.equal_rounds, plan.equal_steps, measure)
 
 
 def report_equal(runs: dict[str, list[dict[str, Any]]], plan: Plan) -> dict[str, Any]:
-    rows = []
-    for method, measured in runs.items():
-        for index, run in enumerate(measured):
-            rows.append(
-                [
-                    f"{LABELS[method]}, round {index + 1}",
-                    f"{run['median_step_seconds'] * 1e3:.1f}",
-                    f"{run['median_end_to_end_seconds'] * 1e3:.1f}",
-                    rate(run["samples_per_second"]),
-                    "/".join(f"{s:.1f}" for s in run["rank_samples"]),
-                ]
-            )
+    rows = round_rows(
+        runs,
+        lambda method: LABELS[method],
+        lambda run: [rate(run["samples_per_second"]), "/".join(f"{s:.1f}" for s in run["rank_samples"])],
+    )
     print_table(
         f"no slowdown; global batch {2 * plan.batch_size}, steps {plan.equal_steps}, timed from step "
         f"{plan.measure_from}, {plan.equal_rounds} interleaved rounds",
@@ -731,7 +651,9 @@ def report_equal(runs: dict[str, list[dict[str, Any]]], plan: Plan) -> dict[str,
         "runs": runs,
         "balanced_vs_plain": ratio,
         "mean_balanced_vs_plain": mean_ratio,
-        "goals": [goal(f"balanced within 3% of plain DDP (median over rounds): {ratio:.3f}x", ratio >= 0.97)],
+        "goals": report_goals(
+            Goal("balanced within 3% of plain DDP (median over rounds)", f"{ratio:.3f}x", ratio >= 0.97)
+        ),
     }
 
 
@@ -744,39 +666,33 @@ def spread(values: Sequence[float]) -> float:
 def run_cost(runner: Runner, plan: Plan) -> dict[str, Any]:
     """Variable-length samples at equal speeds: equal-count batches against CostBalancer, interleaved in rounds."""
     progress("cost: variable-length text, no slowdown")
-    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "cost": []}
-    for round_index in range(plan.cost_rounds):
-        for method in runs:
-            job = runner.job(f"cost-{method}-{round_index}", method, plan.cost_steps, variable_length=True)
-            ranks = runner.run([job], cores=[None])[0]
-            measured = throughput(ranks, plan.cost_measure_from)
-            steps = timed_rows(ranks, plan.cost_measure_from)
-            measured["tokens_spread"] = statistics.median(spread([row["tokens"] for row in s]) for s in steps)
-            measured["padded_tokens_spread"] = statistics.median(
-                spread([row["padded_tokens"] for row in s]) for s in steps
-            )
-            measured["rank_tokens"] = [statistics.fmean(s[r]["tokens"] for s in steps) for r in range(2)]
-            measured["rank_padded_tokens"] = [statistics.fmean(s[r]["padded_tokens"] for s in steps) for r in range(2)]
-            runs[method].append(measured)
-    return runs
+
+    def measure(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        measured = throughput(ranks, plan.cost_measure_from)
+        steps = timed_rows(ranks, plan.cost_measure_from)
+        measured["tokens_spread"] = statistics.median(spread([row["tokens"] for row in s]) for s in steps)
+        measured["padded_tokens_spread"] = statistics.median(spread([row["padded_tokens"] for row in s]) for s in steps)
+        measured["rank_tokens"] = [statistics.fmean(s[r]["tokens"] for s in steps) for r in range(2)]
+        measured["rank_padded_tokens"] = [statistics.fmean(s[r]["padded_tokens"] for s in steps) for r in range(2)]
+        return measured
+
+    return interleaved(
+        runner, "cost", ("plain", "cost"), plan.cost_rounds, plan.cost_steps, measure, variable_length=True
+    )
 
 
 def report_cost(runs: dict[str, list[dict[str, Any]]], plan: Plan) -> dict[str, Any]:
-    rows = []
-    for method, measured in runs.items():
-        for index, run in enumerate(measured):
-            rows.append(
-                [
-                    f"{LABELS[method] if method == 'cost' else 'plain DDP, equal-count batches'}, round {index + 1}",
-                    f"{run['median_step_seconds'] * 1e3:.1f}",
-                    f"{run['median_end_to_end_seconds'] * 1e3:.1f}",
-                    "/".join(f"{s:.1f}" for s in run["rank_samples"]),
-                    "/".join(f"{t:.0f}" for t in run["rank_tokens"]),
-                    f"{run['tokens_spread']:.1%}",
-                    "/".join(f"{t:.0f}" for t in run["rank_padded_tokens"]),
-                    f"{run['padded_tokens_spread']:.1%}",
-                ]
-            )
+    rows = round_rows(
+        runs,
+        lambda method: LABELS[method] if method == "cost" else "plain DDP, equal-count batches",
+        lambda run: [
+            "/".join(f"{s:.1f}" for s in run["rank_samples"]),
+            "/".join(f"{t:.0f}" for t in run["rank_tokens"]),
+            f"{run['tokens_spread']:.1%}",
+            "/".join(f"{t:.0f}" for t in run["rank_padded_tokens"]),
+            f"{run['padded_tokens_spread']:.1%}",
+        ],
+    )
     print_table(
         f"variable-length text (lengths {plan.cost_min_seq_len}-{plan.cost_seq_len}, padded per batch), equal speeds; "
         f"global batch {2 * plan.cost_batch_size} samples, steps {plan.cost_steps}, timed from step "
@@ -806,29 +722,16 @@ def report_cost(runs: dict[str, list[dict[str, Any]]], plan: Plan) -> dict[str, 
     return {
         "runs": runs,
         "cost_vs_plain_step_time": ratio,
-        "goals": [
-            goal(f"CostBalancer evens the ranks' tokens: spread {plain_spread:.1%} -> {even:.1%}", even < plain_spread),
-            goal(f"CostBalancer step time below equal-count batches': {ratio:.3f}x", ratio < 1.0),
-        ],
+        "goals": report_goals(
+            Goal(
+                "CostBalancer evens the ranks' tokens", f"spread {plain_spread:.1%} -> {even:.1%}", even < plain_spread
+            ),
+            Goal("CostBalancer step time below equal-count batches'", f"{ratio:.3f}x", ratio < 1.0),
+        ),
     }
 
 
 # --- main ----------------------------------------------------------------------------------------------------
-
-
-def machine_facts() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, kernel {platform.release()}, "
-        f"torch {torch.__version__}, lightning {L.__version__}, python {platform.python_version()}"
-    )
 
 
 def main() -> None:
@@ -844,16 +747,13 @@ def main() -> None:
     if args.worker:
         worker(Job(**json.loads(args.worker)))
         return
-    parts = [part.strip() for part in args.only.split(",") if part.strip()]
-    unknown = [part for part in parts if part not in PARTS]
-    if unknown:
-        parser.error(f"--only: unknown {unknown}; choose from {', '.join(PARTS)}")
+    parts = parse_choices(args.only, PARTS, "--only", parser)
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("balancing.py: needs two CPU cores (one per rank)")
 
     plan = QUICK if args.quick else FULL
-    command = " ".join([os.path.basename(sys.executable), *sys.argv])
-    print(f"command: {command}\nmachine: {machine_facts()}")
+    command, machine = command_line(), machine_facts()
+    print(f"command: {command}\nmachine: {machine}")
     slowdown = choose_slowdown(args.slowdown) if {"slow", "loss"} & set(parts) else "none"
     model = TinyGPT(n_layer=plan.n_layer, n_head=plan.n_head, d_model=plan.d_model)
     parameters = sum(p.numel() for p in model.parameters())
@@ -869,16 +769,10 @@ def main() -> None:
     if args.quick:
         print("quick: sizes far too small for the goals to mean anything; this only shows the harness works")
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so the cgroup is removed
-    report: dict[str, Any] = {"command": command, "machine": machine_facts(), "plan": asdict(plan), "parts": {}}
+    exit_on_sigterm()  # so the cgroup is removed
+    report: dict[str, Any] = {"command": command, "machine": machine, "plan": asdict(plan), "parts": {}}
 
-    def save() -> None:
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-
-    workdir = Path(tempfile.mkdtemp(prefix="balancing-bench-"))
-    progress(f"job logs: {workdir}")
-    runner = Runner(plan, workdir, args.seed)
+    runner = Runner(plan, args.seed)
 
     def slow_and_loss() -> None:
         slow = run_slow(runner, plan, slowdown, with_noise_run="loss" in parts and plan.noise_run)
@@ -901,11 +795,9 @@ def main() -> None:
         except JobFailed as error:  # a hang or crash is a result too: report it and go on
             print(f"\n{name}: FAILED: {error}")
             report["parts"][name] = {"failed": str(error)}
-        save()
+        write_json(args.json, report)
     report["jobs"] = runner.records
-    report["total_seconds"] = elapsed()
-    print(f"\ntotal: {report['total_seconds']:.0f}s")
-    save()
+    finish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
-import platform
-import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -42,9 +38,8 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +47,30 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from common import elapsed, print_table, progress
+from harness import (
+    REPO,
+    Goal,
+    JobRunner,
+    Launch,
+    Outcome,
+    StepRecorder,
+    command_line,
+    exit_on_sigterm,
+    finish,
+    fit,
+    job_env,
+    machine_facts,
+    parse_choices,
+    print_table,
+    progress,
+    quiet_lightning,
+    report_goals,
+    run_jobs,
+    validation_loss,
+    verdict,
+    worker_command,
+    write_json,
+)
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (
@@ -68,7 +86,6 @@ from lightning_eff.compression import BF16, FP16, Auto, CompressionHook, Compres
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.tasks import TextDataModule, TinyGPT
 
-REPO = Path(__file__).resolve().parent.parent
 NETNS_LINK = REPO / "scripts" / "netns-link"
 LINKS = ("100mbit", "1gbit", "none")
 METHODS = ("ddp", "torch_fp16", "torch_powersgd", "fp16", "bf16", "powersgd", "topk", "int8", "auto")
@@ -173,10 +190,6 @@ QUICK = Plan(
     methods=("ddp", "torch_powersgd", "powersgd", "auto"),
     peers=("torch_batched_powersgd", "powersgd"),
 )
-
-
-def verdict(met: bool) -> str:
-    return "PASS" if met else "MISS"
 
 
 # --- what one job trains -----------------------------------------------------------------------------------
@@ -285,30 +298,17 @@ def cpu_seconds() -> tuple[float, float]:
     return busy / TICKS, ours / TICKS
 
 
-class StepLog(L.Callback):
-    """Rank 0's record of every optimizer step: when it ended, its loss, loopback bytes and the hook's traffic.
+class StepTraffic:
+    """Rank 0's extra columns of each step's row: loopback bytes, CPU seconds, and the hook's traffic.
 
-    Traffic is our hook's `CompressionStats`, or for torch's PowerSGD its own count of elements sent. Each step
-    is also appended to `progress_path` at once, so the harness sees a stalled job as it stalls.
+    Traffic is our hook's `CompressionStats`, or for torch's PowerSGD its own count of elements sent.
     """
 
-    def __init__(self, progress_path: str) -> None:
-        self.progress_path = progress_path
-        self.rows: list[dict[str, Any]] = []
+    def __init__(self) -> None:
         self._torch_bytes_sent = 0
 
-    @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not trainer.is_global_zero:
-            return
-        row: dict[str, Any] = {
-            "step": trainer.global_step - 1,
-            "time": time.perf_counter(),
-            "loss": float(outputs["loss"]),
-            "lo_bytes": loopback_bytes(),
-        }
+    def __call__(self, trainer: L.Trainer, outputs: Any, batch: Any) -> dict[str, Any]:
+        row: dict[str, Any] = {"lo_bytes": loopback_bytes()}
         row["machine_cpu"], row["own_cpu"] = cpu_seconds()
         stats = getattr(trainer.strategy, "compression_stats", None)
         if stats is not None and stats.steps:
@@ -323,9 +323,7 @@ class StepLog(L.Callback):
         if isinstance(torch_state, PowerSGDState):  # it counts float32 elements, dense ones included
             sent = torch_state.total_numel_after_compression * 4
             row["bytes_sent"], self._torch_bytes_sent = sent - self._torch_bytes_sent, sent
-        self.rows.append(row)
-        with open(self.progress_path, "a") as file:
-            file.write(json.dumps(row) + "\n")
+        return row
 
 
 @dataclass(frozen=True)
@@ -340,26 +338,10 @@ class Job:
     plan: dict[str, Any]
 
 
-@torch.no_grad()
-def validation_loss(model: TinyGPT, data: TextDataModule, windows: int) -> float:
-    """Mean loss over the first `windows` validation windows, rounded up to whole batches (the same for every
-    method)."""
-    model.eval()
-    total, count = 0.0, 0
-    for tokens, targets in data.val_dataloader():
-        if count >= windows:
-            break
-        total += float(model._loss((tokens, targets))) * len(tokens)
-        count += len(tokens)
-    return total / count
-
-
 def worker(job: Job) -> None:
     """Train one method for `job.steps` steps on 2 gloo processes; rank 0 writes the result JSON."""
     torch.set_num_threads(1)  # two ranks on two cores: one thread each, or they fight over the cores
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
+    quiet_lightning()
     plan = Plan(**{**job.plan, **{key: tuple(job.plan[key]) for key in ("links", "methods", "peers")}})
     L.seed_everything(job.seed, verbose=False)
     model = TinyGPT(
@@ -370,23 +352,9 @@ def worker(job: Job) -> None:
         warmup_steps=plan.warmup_steps,
     )
     data = TextDataModule(seq_len=plan.seq_len, batch_size=plan.batch_size)
-    log = StepLog(job.progress_path)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy(job.method, plan),
-        max_steps=job.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[log],
-    )
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - started
+    # Rank 0 streams its rows to the progress file at once, so the harness sees a stalled job as it stalls.
+    log = StepRecorder(StepTraffic(), progress_path=job.progress_path, global_zero_only=True)
+    trainer, fit_seconds = fit(model, data, [log], devices=2, strategy=strategy(job.method, plan), max_steps=job.steps)
     if not trainer.is_global_zero:
         return
     result: dict[str, Any] = {
@@ -455,89 +423,6 @@ def measure_link(name: str, rate: str) -> float:
     return float(subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout.split()[-1])
 
 
-def kill_group(process: subprocess.Popen[Any], grace: float) -> None:
-    """Wait up to `grace` seconds for the job's other processes (rank 1), then kill its whole process group."""
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-@dataclass
-class Outcome:
-    """How a job ended: its result (rank 0's JSON) or why there is none."""
-
-    status: str  # "completed", "stalled", "failed"
-    result: dict[str, Any] | None
-    steps_done: int
-    seconds: float
-    detail: str
-
-
-def run_job(job: Job, namespace_name: str, port: int, plan: Plan, log_path: Path) -> Outcome:
-    """Run `job` inside the namespace; kill it (all ranks) if no step finishes for `plan.stall_seconds`."""
-    command = [str(NETNS_LINK), "exec", namespace_name, sys.executable, __file__, "--worker", json.dumps(asdict(job))]
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    progress_file = Path(job.progress_path)
-    started = time.monotonic()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-        )
-        try:
-            status, last_step_at, steps_done = "failed", started, 0
-            while process.poll() is None:
-                time.sleep(0.5)
-                rows = progress_file.read_text().splitlines() if progress_file.exists() else []
-                if len(rows) > steps_done:
-                    steps_done, last_step_at = len(rows), time.monotonic()
-                waited = time.monotonic() - last_step_at
-                if waited > (plan.stall_seconds if steps_done else STARTUP_SECONDS):
-                    status = "stalled"
-                    break
-            if status != "stalled" and process.returncode == 0 and Path(job.result_path).exists():
-                status = "completed"
-        finally:
-            kill_group(process, grace=0 if process.poll() is None else 10)
-            process.wait()
-    seconds = time.monotonic() - started
-    rows = progress_file.read_text().splitlines() if progress_file.exists() else []
-    if status == "completed":
-        return Outcome(status, json.loads(Path(job.result_path).read_text()), len(rows), seconds, "")
-    if status == "stalled":
-        detail = f"no step finished in {plan.stall_seconds:.0f} s after step {len(rows) - 1}: killed"
-        return Outcome(status, None, len(rows), seconds, detail)
-    return Outcome(status, None, len(rows), seconds, last_error(log_path))
-
-
-def last_error(log_path: Path) -> str:
-    """The exception of a failed job's log and the frame that raised it, else the log's last line."""
-    lines = [
-        re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in log_path.read_text(errors="replace").splitlines()
-    ]
-    lines = [line for line in lines if line]
-    errors = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-    if not errors:
-        return (lines or ["no output"])[-1][:200]
-    index = errors[-1]
-    frames = [line for line in lines[:index] if line.startswith("File ")]
-    where = re.search(r'File ".*/([^/]+)", line (\d+), in (\S+)', frames[-1]) if frames else None
-    origin = f" in {where[3]} ({where[1]}:{where[2]})" if where else ""
-    return f"{lines[index][:160]}{origin}"
-
-
 # --- summarising a link -------------------------------------------------------------------------------------
 
 
@@ -548,10 +433,10 @@ def summarise(method: str, result: dict[str, Any], first_step: int, loss_steps: 
     steps = [row["step"] for row in rows if row["step"] >= first_step and row["step"] - 1 in by_step]
     if not steps:
         raise RuntimeError(f"{method}: no measured steps (first {first_step}, ran {len(rows)})")
-    seconds = [by_step[s]["time"] - by_step[s - 1]["time"] for s in steps]
+    seconds = [by_step[s]["end"] - by_step[s - 1]["end"] for s in steps]
     first, last = by_step[steps[0] - 1], by_step[steps[-1]]
     wire = (last["lo_bytes"] - first["lo_bytes"]) / len(steps)
-    wall = last["time"] - first["time"]
+    wall = last["end"] - first["end"]
     others = (last["machine_cpu"] - first["machine_cpu"]) - (last["own_cpu"] - first["own_cpu"])
     if method in COMPUTED_BYTES_PER_PARAM:
         payload, computed = float(result["parameters"] * COMPUTED_BYTES_PER_PARAM[method]), True
@@ -641,7 +526,7 @@ def print_link(link: str, measured_mbit: float, steps: int, first_step: int, sum
     print_table(title, header, rows)
 
 
-def link_goals(link: str, summaries: dict[str, Any]) -> list[dict[str, Any]]:
+def link_goals(link: str, summaries: dict[str, Any]) -> list[Goal]:
     """The issue's goals that apply to `link`, each with the numbers that decide it."""
     base = summaries.get("ddp")
     if base is None or "error" in base:
@@ -658,63 +543,60 @@ def link_goals(link: str, summaries: dict[str, Any]) -> list[dict[str, Any]]:
             loss = abs(s["final_loss"] / base["final_loss"] - 1)
             parts = [speedup >= 5, payload >= 50 and wire >= 50, loss <= 0.02]
             goals.append(
-                {
-                    "goal": f"100 Mbit/s, {LABELS[method]}: >=5x faster per step, >=50x fewer bytes (payload and "
-                    "wire), final loss within 2% of plain DDP",
-                    "numbers": f"{speedup:.2f}x {verdict(parts[0])}; payload {payload:.1f}x, wire {wire:.1f}x "
+                Goal(
+                    f"100 Mbit/s, {LABELS[method]}: >=5x faster per step, >=50x fewer bytes (payload and wire), "
+                    "final loss within 2% of plain DDP",
+                    f"{speedup:.2f}x {verdict(parts[0])}; payload {payload:.1f}x, wire {wire:.1f}x "
                     f"{verdict(parts[1])}; loss {loss * 100:.2f}% {verdict(parts[2])}",
-                    "met": all(parts),
-                }
+                    all(parts),
+                )
             )
         if goals:
-            goals.append(
-                {
-                    "goal": "100 Mbit/s: PowerSGD or TopK meets all three",
-                    "numbers": "",
-                    "met": any(goal["met"] for goal in goals),
-                }
-            )
+            goals.append(Goal("100 Mbit/s: PowerSGD or TopK meets all three", "", any(goal.met for goal in goals)))
     if link == "none" and "auto" in summaries and "error" not in summaries["auto"]:
         slower = summaries["auto"]["median_step_seconds"] / base["median_step_seconds"] - 1
         goals.append(
-            {
-                "goal": "unlimited loopback: Auto no more than 5% slower than plain DDP",
-                "numbers": f"{slower * 100:+.1f}% (chose {summaries['auto'].get('auto_decision')})",
-                "met": slower <= 0.05,
-            }
+            Goal(
+                "unlimited loopback: Auto no more than 5% slower than plain DDP",
+                f"{slower * 100:+.1f}% (chose {summaries['auto'].get('auto_decision')})",
+                slower <= 0.05,
+            )
         )
     return goals
-
-
-def print_goals(goals: list[dict[str, Any]]) -> None:
-    for goal in goals:
-        numbers = f": {goal['numbers']}" if goal["numbers"] else ""
-        print(f"goal: {goal['goal']}{numbers} -> {verdict(goal['met'])}")
 
 
 # --- the parts ----------------------------------------------------------------------------------------------
 
 
-class Runner:
-    """Runs jobs one after another with fresh ports and one log per job under `workdir`."""
+class Runner(JobRunner):
+    """Runs jobs one after another, each in a namespace with a fresh port and its own log under `workdir`."""
 
-    def __init__(self, plan: Plan, workdir: Path, seed: int) -> None:
+    def __init__(self, plan: Plan, seed: int) -> None:
+        super().__init__("compression-bench-", seed, plan.stall_seconds, STARTUP_SECONDS)
         self.plan = plan
-        self.workdir = workdir
-        self.seed = seed
-        self.port = 29500
-        self.count = 0
+        self.port = 29500  # a namespace is fresh, but its last job's ports may linger: never reuse one
 
-    def run(self, method: str, steps: int, namespace_name: str, plan: Plan | None = None) -> Outcome:
+    def run(
+        self, method: str, steps: int, namespace_name: str, plan: Plan | None = None
+    ) -> tuple[Outcome, dict[str, Any] | None]:
+        """Run `method` inside the namespace; how it ended, and rank 0's result if it completed."""
         plan = plan or self.plan
-        self.count += 1
         self.port += 1
-        stem = self.workdir / f"{self.count:02d}-{namespace_name}-{method}"
+        stem = self.stem(f"{namespace_name}-{method}")
         job = Job(method, steps, self.seed, f"{stem}.json", f"{stem}.progress", asdict(plan))
+        launch = Launch(
+            name=f"{namespace_name}-{method}",
+            command=worker_command(__file__, job, prefix=[str(NETNS_LINK), "exec", namespace_name]),
+            env=job_env(self.port, GLOO_SOCKET_IFNAME="lo"),
+            log_path=Path(f"{stem}.log"),
+            progress_path=Path(job.progress_path),
+            result_paths=(Path(job.result_path),),
+        )
         progress(f"{namespace_name}: {LABELS[method]}, {steps} steps")
-        outcome = run_job(job, namespace_name, self.port, plan, Path(f"{stem}.log"))
+        [outcome] = run_jobs([launch], plan.stall_seconds, self.startup_seconds)
         progress(f"{namespace_name}: {LABELS[method]}: {outcome.status} in {outcome.seconds:.0f}s {outcome.detail}")
-        return outcome
+        result = json.loads(Path(job.result_path).read_text()) if outcome.status == "completed" else None
+        return outcome, result
 
 
 def measure(runner: Runner, method: str, steps: int, namespace_name: str, first_step: int) -> dict[str, Any]:
@@ -722,10 +604,10 @@ def measure(runner: Runner, method: str, steps: int, namespace_name: str, first_
     keeping the less disturbed of the two."""
     summary: dict[str, Any] | None = None
     for attempt in range(2):
-        outcome = runner.run(method, steps, namespace_name)
-        if outcome.result is None:
+        outcome, result = runner.run(method, steps, namespace_name)
+        if result is None:
             return summary or {"error": f"{outcome.status}: {outcome.detail}"}
-        fresh = summarise(method, outcome.result, first_step, runner.plan.loss_steps)
+        fresh = summarise(method, result, first_step, runner.plan.loss_steps)
         fresh["runs"] = attempt + 1
         if summary is None or fresh["other_cores"] < summary["other_cores"]:
             summary = fresh
@@ -745,8 +627,7 @@ def run_link(runner: Runner, link: str, methods: Sequence[str], steps: int, tag:
         progress(f"{name}: lo measured at {measured_mbit:,.0f} Mbit/s")
         summaries = {method: measure(runner, method, steps, name, first_step) for method in methods}
     print_link(link, measured_mbit, steps, first_step, summaries)
-    goals = link_goals(link, summaries)
-    print_goals(goals)
+    goals = report_goals(*link_goals(link, summaries))
     return {
         "measured_mbit": measured_mbit,
         "steps": steps,
@@ -763,7 +644,7 @@ def run_peer_check(runner: Runner, tag: str) -> dict[str, Any]:
     outcomes: dict[str, Outcome] = {}
     with namespace(name, "none"):
         for method in plan.peers:
-            outcomes[method] = runner.run(method, plan.peer_steps, name, plan)
+            outcomes[method] = runner.run(method, plan.peer_steps, name, plan)[0]
     rows = []
     for method, outcome in outcomes.items():
         ran = f"{outcome.steps_done}/{plan.peer_steps}"
@@ -844,34 +725,14 @@ def run_gpu(plan: Plan) -> dict[str, Any]:
         [[LABELS[m], f"{s * 1e3:.1f}", f"{s / base:.2f}x"] for m, s in seconds.items()],
     )
     met = seconds["powersgd"] < seconds["torch_powersgd"]
-    print(
-        f"goal: PowerSGD compute overhead below torch's hook (anchor: 1.86x on an H100): ours "
-        f"{seconds['powersgd'] / base:.2f}x, torch {seconds['torch_powersgd'] / base:.2f}x -> {verdict(met)}"
+    goals = report_goals(
+        Goal(
+            "PowerSGD compute overhead below torch's hook (anchor: 1.86x on an H100)",
+            f"ours {seconds['powersgd'] / base:.2f}x, torch {seconds['torch_powersgd'] / base:.2f}x",
+            met,
+        )
     )
-    return {"median_step_seconds": seconds, "met": met}
-
-
-def machine_facts() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, kernel {platform.release()}, "
-        f"torch {torch.__version__}, lightning {L.__version__}, python {platform.python_version()}"
-    )
-
-
-def parse_list(value: str, choices: Sequence[str], option: str, parser: argparse.ArgumentParser) -> list[str]:
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    unknown = [item for item in items if item not in choices]
-    if unknown:
-        parser.error(f"{option}: unknown {unknown}; choose from {', '.join(choices)}")
-    return items
+    return {"median_step_seconds": seconds, "met": met, "goals": goals}
 
 
 def main() -> None:
@@ -896,8 +757,8 @@ def main() -> None:
         return
 
     plan = QUICK if args.quick else FULL
-    links = parse_list(args.links, LINKS, "--links", parser) if args.links else list(plan.links)
-    methods = parse_list(args.methods, METHODS, "--methods", parser) if args.methods else list(plan.methods)
+    links = parse_choices(args.links, LINKS, "--links", parser) if args.links else list(plan.links)
+    methods = parse_choices(args.methods, METHODS, "--methods", parser) if args.methods else list(plan.methods)
     if "ddp" not in methods:
         methods.insert(0, "ddp")  # every ratio is against plain DDP
     first_step = measured_from(plan)
@@ -908,8 +769,8 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("compression.py: needs root to create network namespaces (scripts/netns-link)")
 
-    command = " ".join([os.path.basename(sys.executable), *sys.argv])
-    print(f"command: {command}\nmachine: {machine_facts()}")
+    command, machine = command_line(), machine_facts()
+    print(f"command: {command}\nmachine: {machine}")
     parameters = sum(
         p.numel() for p in TinyGPT(n_layer=plan.n_layer, n_head=plan.n_head, d_model=plan.d_model).parameters()
     )
@@ -932,17 +793,14 @@ def main() -> None:
         print("quick: sizes far too small for the goals to mean anything; this only shows the harness works")
 
     # Lightning's per-Trainer lines and torch's warnings go to each job's log, not here.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so namespaces are torn down
+    exit_on_sigterm()  # so namespaces are torn down
     tag = f"lecb{os.getpid()}"
-    report: dict[str, Any] = {"command": command, "machine": machine_facts(), "plan": asdict(plan), "links": {}}
+    report: dict[str, Any] = {"command": command, "machine": machine, "plan": asdict(plan), "links": {}}
 
     def save() -> None:
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
 
-    workdir = Path(tempfile.mkdtemp(prefix="compression-bench-"))
-    progress(f"job logs: {workdir}")
-    runner = Runner(plan, workdir, args.seed)
+    runner = Runner(plan, args.seed)
     for link in [] if args.peer_check_only else links:
         report["links"][link] = run_link(runner, link, methods, plan.steps[link], tag)
         save()
@@ -950,9 +808,7 @@ def main() -> None:
         report["peer_check"] = run_peer_check(runner, tag)
         save()
     report["gpu"] = run_gpu(plan)
-    report["total_seconds"] = elapsed()
-    print(f"\ntotal: {report['total_seconds']:.0f}s")
-    save()
+    finish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import logging
-import os
-import platform
-import statistics
-import sys
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -36,12 +28,28 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import elapsed, print_table, progress
+from harness import (
+    Goal,
+    StepRecorder,
+    command_line,
+    finish,
+    fit,
+    machine_facts,
+    mean,
+    median,
+    parse_choices,
+    print_table,
+    progress,
+    quiet_lightning,
+    report_goals,
+    run_parts,
+    time_interleaved,
+    write_json,
+)
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from typing_extensions import override
 
 from lightning_eff.pruning import GradualPruning, shrink
 from lightning_eff.pruning.masks import zero_fraction
@@ -121,72 +129,7 @@ QUICK = Plan(
 )
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-def mean(values: Sequence[float]) -> float:
-    return statistics.fmean(values)
-
-
-def goal(description: str, met: bool) -> str:
-    line = f"goal: {description}: {'met' if met else 'MISSED'}"
-    print(line)
-    return line
-
-
 # --- training and measuring ----------------------------------------------------------------------------
-
-
-class StepTimer(L.Callback):
-    """Wall time of each training step, from batch start to the end of every callback's batch-end work.
-
-    Lightning calls callbacks in list order, so this must be the last callback for the pruners' per-step
-    work to fall inside the measured span.
-    """
-
-    def __init__(self, skip_steps: int) -> None:
-        self.skip_steps = skip_steps
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    @override
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._start = time.perf_counter()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step > self.skip_steps:
-            self.seconds.append(time.perf_counter() - self._start)
-
-
-def fit(
-    model: L.LightningModule,
-    data: L.LightningDataModule,
-    callbacks: list[L.Callback],
-    accelerator: str = "cpu",
-    **limits: Any,
-) -> float:
-    """Train without validation (every part scores the model itself afterwards); returns the fit's seconds."""
-    trainer = L.Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        accelerator=accelerator,
-        deterministic=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        **limits,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    return time.perf_counter() - start
 
 
 def cubic_epoch_amounts(target: float, epochs: int) -> list[float]:
@@ -253,25 +196,6 @@ def next_byte_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def time_interleaved(
-    calls: dict[str, Callable[[], object]], rounds: int, iterations: int, sync: Callable[[], None] = lambda: None
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, run in alternating rounds so machine noise hits all alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for call in calls.values():  # warm-up: allocator, kernels, caches
-            call()
-        sync()
-        for _ in range(rounds):
-            for name, call in calls.items():
-                for _ in range(iterations):
-                    start = time.perf_counter()
-                    call()
-                    sync()
-                    seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 def compare_pruners(
     build: Callable[[], tuple[L.LightningModule, L.LightningDataModule]],
     score: Callable[[L.LightningModule, L.LightningDataModule], float],
@@ -290,7 +214,7 @@ def compare_pruners(
             L.seed_everything(seed, verbose=False)
             model, data = build()
             callbacks = pruning_callbacks(variant, model, target, epochs, update_every)
-            results["fit_s"][variant].append(fit(model, data, callbacks, **limits))
+            results["fit_s"][variant].append(fit(model, data, callbacks, **limits)[1])
             results["score"][variant].append(score(model, data))
             results["sparsity"][variant].append(linear_sparsity(model))
             progress(f"  seed {seed} {variant}: score {results['score'][variant][-1]:.4f}")
@@ -321,10 +245,10 @@ def run_mlp(plan: Plan, seeds: Sequence[int]) -> dict[str, Any]:
         ],
     )  # fmt: skip
     ours, dense, baseline = mean(score["ours"]), mean(score["dense"]), mean(score["model_pruning"])
-    goals = [
-        goal("ours within 1.0 point of dense", dense - ours <= 1.0),
-        goal("ours not below ModelPruning", ours >= baseline),
-    ]
+    goals = report_goals(
+        Goal("ours within 1.0 point of dense", f"ours {ours:.2f}, dense {dense:.2f}", dense - ours <= 1.0),
+        Goal("ours not below ModelPruning", f"ours {ours:.2f}, ModelPruning {baseline:.2f}", ours >= baseline),
+    )
     return {"test_accuracy_pct": score, "sparsity": sparsity, "fit_s": results["fit_s"], "goals": goals}
 
 
@@ -362,10 +286,10 @@ def run_gpt(plan: Plan, seeds: Sequence[int]) -> dict[str, Any]:
         ],
     )  # fmt: skip
     ours, baseline = mean(score["ours"]), mean(score["model_pruning"])
-    goals = [
-        goal("ours no worse than ModelPruning", ours <= baseline),
-        goal("ours within 5% of dense", ours <= 1.05 * dense),
-    ]
+    goals = report_goals(
+        Goal("ours no worse than ModelPruning", f"ours {ours:.4f}, ModelPruning {baseline:.4f}", ours <= baseline),
+        Goal("ours within 5% of dense", f"{ours / dense - 1:+.2%}", ours <= 1.05 * dense),
+    )
     return {"val_loss": score, "sparsity": sparsity, "fit_s": results["fit_s"], "goals": goals}
 
 
@@ -378,7 +302,7 @@ def run_overhead(plan: Plan) -> dict[str, Any]:
         for variant in VARIANTS:
             L.seed_everything(0, verbose=False)
             model = gpt_model(plan)
-            timer = StepTimer(skip_steps=plan.gpt_epoch_steps)
+            timer = StepRecorder(skip_steps=plan.gpt_epoch_steps)  # last: the pruners' work falls in its span
             callbacks = pruning_callbacks(variant, model, GPT_SPARSITY, epochs, plan.gpt_update_every)
             fit(model, data, [*callbacks, timer], max_steps=epochs * plan.gpt_epoch_steps,
                 limit_train_batches=plan.gpt_epoch_steps)  # fmt: skip
@@ -401,7 +325,7 @@ def run_overhead(plan: Plan) -> dict[str, Any]:
         " median), ModelPruning prunes at epoch ends, outside it"
     )
     overhead = median(seconds["ours"]) / dense_median - 1
-    goals = [goal(f"ours at most 3% median step overhead (measured {overhead:+.1%})", overhead <= 0.03)]
+    goals = report_goals(Goal("ours at most 3% median step overhead", f"{overhead:+.1%}", overhead <= 0.03))
     return {
         "median_step_s": {v: median(seconds[v]) for v in VARIANTS},
         "mean_step_s": {v: mean(seconds[v]) for v in VARIANTS},
@@ -422,7 +346,7 @@ def run_channels(plan: Plan, seed: int) -> dict[str, Any]:
     models = {"masked": model, "shrunk": shrunk}
     test_accuracy = {name: 100 * evaluate(m, data.test_dataloader(), accuracy) for name, m in models.items()}
     assert data.test_set is not None
-    images = data.test_set.tensors[0]
+    images = data.test_set.tensors[0]  # type: ignore[attr-defined]
     with torch.inference_mode():
         max_difference = float((model(images) - shrunk(images)).abs().max())
     batch = images[:256]
@@ -443,10 +367,14 @@ def run_channels(plan: Plan, seed: int) -> dict[str, Any]:
     )  # fmt: skip
     print(f"shrunk Linear widths: {widths}; max |logit difference| masked vs shrunk: {max_difference:.2e}")
     speedup = median(seconds["masked"]) / median(seconds["shrunk"])
-    goals = [
-        goal(f"shrunk at least 1.6x faster (measured {speedup:.2f}x)", speedup >= 1.6),
-        goal("identical test accuracy", test_accuracy["masked"] == test_accuracy["shrunk"]),
-    ]
+    goals = report_goals(
+        Goal("shrunk at least 1.6x faster", f"{speedup:.2f}x", speedup >= 1.6),
+        Goal(
+            "identical test accuracy",
+            f"masked {test_accuracy['masked']:.2f}, shrunk {test_accuracy['shrunk']:.2f}",
+            test_accuracy["masked"] == test_accuracy["shrunk"],
+        ),
+    )
     return {
         "parameters": parameters,
         "test_accuracy_pct": test_accuracy,
@@ -517,25 +445,14 @@ def main() -> None:
     parser.add_argument("--only", type=str, default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--gpt-steps", type=int, default=None, help="training steps of part 2 (default 600)")
     args = parser.parse_args()
-    parts = [part.strip() for part in args.only.split(",") if part.strip()]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        parser.error(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    parts = parse_choices(args.only, PARTS, "--only", parser)
     plan = QUICK if args.quick else FULL
     if args.gpt_steps is not None:
         plan = dataclasses.replace(plan, gpt_steps=args.gpt_steps)
     seeds = list(range(args.seeds if args.seeds is not None else plan.seeds))
+    quiet_lightning()
 
-    # Lightning's per-Trainer info lines and the small-data warnings would bury the progress lines.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
-
-    command = " ".join([os.path.basename(sys.executable), *sys.argv])
-    machine = (
-        f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads),"
-        f" lightning {L.__version__}, python {platform.python_version()}"
-    )
+    command, machine = command_line(), machine_facts(f"{torch.get_num_threads()} torch threads")
     print(f"command: {command}\nmachine: {machine}\nplan: {'quick' if args.quick else 'full'}, seeds {seeds}")
     report: dict[str, Any] = {"command": command, "machine": machine, "plan": asdict(plan), "seeds": seeds}
     runs: dict[str, Callable[[], dict[str, Any]]] = {
@@ -545,22 +462,8 @@ def main() -> None:
         "channels": lambda: run_channels(plan, seeds[0] if seeds else 0),
         "gpu": lambda: run_gpu(plan, seeds[0] if seeds else 0),
     }
-    for part in PARTS:
-        if part not in parts:
-            continue
-        progress(f"{part}: start")
-        start = time.perf_counter()
-        report[part] = runs[part]()
-        report[part]["seconds"] = time.perf_counter() - start
-        progress(f"{part}: done in {report[part]['seconds']:.0f}s")
-        if args.json:  # written after every part, so a long run that breaks keeps what it measured
-            with open(args.json, "w") as file:
-                json.dump(report, file, indent=2)
-    report["total_seconds"] = elapsed()
-    print(f"\ntotal: {report['total_seconds']:.0f}s")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
+    run_parts({part: run for part, run in runs.items() if part in parts}, report, lambda: write_json(args.json, report))
+    finish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -53,15 +53,8 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
-import logging
 import math
-import os
-import platform
-import statistics
-import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -71,10 +64,25 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import elapsed, print_table, progress
+from harness import (
+    Goal,
+    StepRecorder,
+    command_line,
+    finish,
+    fit,
+    machine_facts,
+    median,
+    parse_choices,
+    print_table,
+    progress,
+    quiet_lightning,
+    report_goals,
+    run_parts,
+    time_interleaved,
+    write_json,
+)
 from torch import nn
 from torch.nn import functional as F
-from typing_extensions import override
 
 from lightning_eff.quantization import SCHEMES, QuantizationAwareTraining, QuantScheme, convert
 from lightning_eff.quantization.convert import load_quantized, quantized_layers, save_quantized, weight_bytes
@@ -159,16 +167,6 @@ QUICK = Plan(
 )
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-def goal_row(goal: str, measured: str, met: bool | str | None) -> dict[str, str]:
-    """One row of the final goals table; `met` None when the part that measures it did not run, or a word."""
-    verdict = "n/a" if met is None else met if isinstance(met, str) else ("yes" if met else "no")
-    return {"goal": goal, "measured": measured, "met": verdict}
-
-
 # --- models, data, training ----------------------------------------------------------------------------
 
 
@@ -204,44 +202,6 @@ def tasks(plan: Plan) -> dict[str, Task]:
         text=False,
     )
     return {"gpt": gpt, "digits": digits}
-
-
-class SaveAtStep(L.Callback):
-    """Writes a checkpoint once `step` optimizer steps are done: where the QAT runs take over from the float run."""
-
-    def __init__(self, step: int, path: Path) -> None:
-        self.step = step
-        self.path = path
-
-    @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-
-
-def fit(
-    model: L.LightningModule,
-    data: L.LightningDataModule,
-    callbacks: list[L.Callback],
-    steps: int,
-    ckpt_path: Path | None = None,
-) -> None:
-    """Train on the CPU for `steps` optimizer steps in all, without validation (each run is scored afterwards)."""
-    trainer = L.Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
 
 @torch.inference_mode()
@@ -297,33 +257,6 @@ def torchao_qat_prepared(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     return model
 
 
-def time_interleaved(
-    calls: dict[str, Callable[[], object]],
-    rounds: int,
-    iterations: int,
-    warmup: int = 1,
-    inference: bool = True,
-    sync: Callable[[], None] = lambda: None,
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, in rounds that run every function (order reversed every other
-    round), so machine noise and drift hit all alike; `warmup` calls each first (compilation, allocator)."""
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode(inference):
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        sync()
-        for round_index in range(rounds):
-            names = list(calls) if round_index % 2 == 0 else list(reversed(calls))
-            for name in names:
-                for _ in range(iterations):
-                    start = time.perf_counter()
-                    calls[name]()
-                    sync()
-                    seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 # --- 1. accuracy ---------------------------------------------------------------------------------------
 
 
@@ -347,7 +280,8 @@ def run_task_accuracy(
         checkpoint = workdir / f"{task.name}-seed{seed}-step{start_step}.ckpt"
         L.seed_everything(seed, verbose=False)
         model, data = task.build_model(), task.build_data()
-        fit(model, data, [SaveAtStep(start_step, checkpoint)] if start_step else [], task.steps)
+        save = [StepRecorder(checkpoint=(start_step, checkpoint))] if start_step else []  # where QAT takes over
+        fit(model, data, save, max_steps=task.steps)
         model.eval()
         scores["float"].append(test_scores(model, data, task.text))
         if first_float is None:
@@ -356,7 +290,7 @@ def run_task_accuracy(
         control = task.build_model()
         torch.manual_seed(seed + CONTROL_SEED_OFFSET)  # the DataModule takes its shuffle seed from here
         control_data = task.build_data()
-        fit(control, control_data, [], task.steps, ckpt_path=checkpoint if start_step else None)
+        fit(control, control_data, [], checkpoint if start_step else None, max_steps=task.steps)
         scores["control"].append(test_scores(control.eval(), control_data, task.text))
         progress(
             f"  {task.name} seed {seed} float: test loss {scores['float'][-1]['loss']:.4f},"
@@ -368,7 +302,7 @@ def run_task_accuracy(
             L.seed_everything(seed, verbose=False)
             qat_model, qat_data = task.build_model(), task.build_data()
             callback = QuantizationAwareTraining(scheme.name, group_size=GROUP_SIZE, start_step=start_step)
-            fit(qat_model, qat_data, [callback], task.steps, ckpt_path=checkpoint if start_step else None)
+            fit(qat_model, qat_data, [callback], checkpoint if start_step else None, max_steps=task.steps)
             if callback.phase != "fake_quant" or callback.quantized_model is None:
                 raise RuntimeError(f"QAT run of {scheme.name} ended in phase {callback.phase}, not converted")
             scores[scheme.name]["qat"].append(test_scores(callback.quantized_model, qat_data, task.text))
@@ -403,7 +337,7 @@ def summarize_accuracy(
         ptq, qat, fake = ([s["loss"] for s in runs[key]] for key in ("ptq", "qat", "qat_fake_quant"))
         per_seed = [recovery(f, p, q) for f, p, q in zip(float_losses, ptq, qat, strict=True)]
         degradation = median([p - f for p, f in zip(ptq, float_losses, strict=True)])
-        entry = {
+        entry: dict[str, Any] = {
             "float_loss": median(float_losses),
             "ptq_loss": median(ptq),
             "qat_loss": median(qat),
@@ -664,7 +598,7 @@ def run_inference(plan: Plan, schemes: Sequence[QuantScheme], trained: dict[str,
             if name not in trained:  # part 1 did not run: train the float model here, seed 0
                 L.seed_everything(0, verbose=False)
                 trained[name] = task.build_model()
-                fit(trained[name], task.build_data(), [], task.steps)  # type: ignore[arg-type]
+                fit(trained[name], task.build_data(), max_steps=task.steps)  # type: ignore[arg-type]
                 progress(f"  {name}: float model trained for part 3")
             results[name] = run_task_inference(task, trained[name], schemes, plan, Path(workdir))
     return results
@@ -740,8 +674,9 @@ def run_gpu(plan: Plan) -> dict[str, Any]:
 # --- goals and main ------------------------------------------------------------------------------------
 
 
-def collect_goals(report: dict[str, Any], schemes: Sequence[QuantScheme]) -> list[dict[str, str]]:
-    rows = []
+def collect_goals(report: dict[str, Any], schemes: Sequence[QuantScheme]) -> list[Goal]:
+    """Every goal of the issue; undecided (n/a) where its part did not run or PTQ costs less than the noise."""
+    goals = []
     accuracy = report.get("accuracy")
     for task in TASKS:
         for name in INT4_SCHEMES:
@@ -749,39 +684,33 @@ def collect_goals(report: dict[str, Any], schemes: Sequence[QuantScheme]) -> lis
                 continue
             entry = accuracy[task]["summary"][name] if accuracy else None
             measured = (
-                f"{entry['recovery']:.0%} (PTQ-float {entry['ptq_degradation']:+.4f}, noise {entry['noise_floor']:.4f})"
+                f"{entry['recovery']:.0%} (PTQ-float {entry['ptq_degradation']:+.4f}, noise {entry['noise_floor']:.4f}"
+                f"{')' if entry['measurable'] else f'; PTQ-float below {NOISE_MARGIN}x noise: undetermined)'}"
                 if entry
                 else "not run"
             )
-            met = None if entry is None else entry["recovery"] >= RECOVERY_GOAL if entry["measurable"] else "noise"
-            rows.append(goal_row(f"{task}: QAT recovers >= {RECOVERY_GOAL:.0%} of {name} PTQ loss", measured, met))
+            met = entry["recovery"] >= RECOVERY_GOAL if entry and entry["measurable"] else None
+            goals.append(Goal(f"{task}: QAT recovers >= {RECOVERY_GOAL:.0%} of {name} PTQ loss", measured, met))
     inference = report.get("inference")
     for scheme in schemes:
         target = 1 / 6 if scheme.weight_bits == 4 else 1 / 3.5
         ratio = inference["gpt"]["sizes"][scheme.name]["weight_ratio"] if inference else None
-        rows.append(goal_row(f"{scheme.name}: weights <= 1/{1 / target:.1f} of fp32",
-                             f"1/{1 / ratio:.2f}" if ratio else "not run",
-                             ratio <= target if ratio else None))  # fmt: skip
+        goals.append(Goal(f"{scheme.name}: weights <= 1/{1 / target:.1f} of fp32",
+                          f"1/{1 / ratio:.2f}" if ratio else "not run",
+                          ratio <= target if ratio else None))  # fmt: skip
     for scheme in schemes:
         speedups = {task: inference[task]["speedup"][f"ours {scheme.name}"] for task in TASKS} if inference else None
         measured = " ".join(f"{task} {s:.2f}x" for task, s in speedups.items()) if speedups else "not run"
-        rows.append(goal_row(f"{scheme.name}: converted GPT or digits >= {SPEEDUP_GOAL:.0f}x fp32 speed", measured,
-                             max(speedups.values()) >= SPEEDUP_GOAL if speedups else None))  # fmt: skip
-    gpu = report.get("gpu")
+        goals.append(Goal(f"{scheme.name}: converted GPT or digits >= {SPEEDUP_GOAL:.0f}x fp32 speed", measured,
+                          max(speedups.values()) >= SPEEDUP_GOAL if speedups else None))  # fmt: skip
+    gpu: dict[str, Any] = report.get("gpu") or {}
     ran = bool(gpu) and "skipped" not in gpu
     for mode, target in (("compiled", GPU_COMPILED_GOAL), ("eager", GPU_EAGER_GOAL)):
         ratio = gpu[mode][f"ours {GPU_SCHEME}"]["vs_float"] if ran else None
-        rows.append(goal_row(f"GPU: ours <= {target:.2f}x float step ({mode})",
-                             f"{ratio:.2f}x" if ratio else "skipped (no CUDA)" if gpu else "not run",
-                             ratio <= target if ratio else None))  # fmt: skip
-    print_table("goals", ["goal", "measured", "met"], [[r["goal"], r["measured"], r["met"]] for r in rows])
-    return rows
-
-
-def write_json(path: str | None, report: dict[str, Any]) -> None:
-    if path:
-        with open(path, "w") as file:
-            json.dump(report, file, indent=2)
+        goals.append(Goal(f"GPU: ours <= {target:.2f}x float step ({mode})",
+                          f"{ratio:.2f}x" if ratio else "skipped (no CUDA)" if gpu else "not run",
+                          ratio <= target if ratio else None))  # fmt: skip
+    return goals
 
 
 def main() -> None:
@@ -803,11 +732,9 @@ def main() -> None:
     parser.add_argument("--only", type=str, default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--json", type=str, default=None, help="write every result here as JSON")
     args = parser.parse_args()
-    parts = [part.strip() for part in args.only.split(",") if part.strip()]
-    if set(parts) - set(PARTS):
-        parser.error(f"--only: unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
-    names = [name.strip() for name in args.schemes.split(",") if name.strip()]
-    if not names or set(names) - set(SCHEMES):
+    parts = parse_choices(args.only, PARTS, "--only", parser)
+    names = parse_choices(args.schemes, list(SCHEMES), "--schemes", parser)
+    if not names:
         parser.error(f"--schemes: choose from {', '.join(SCHEMES)}")
     if not 0 <= args.qat_start < 1:
         parser.error("--qat-start: must be in [0, 1)")
@@ -819,21 +746,13 @@ def main() -> None:
         plan = replace(plan, gpt_steps=args.gpt_steps)
     seeds = list(range(plan.seeds))
     torch.set_num_threads(args.threads)
-
-    # Lightning's per-Trainer lines and the small-data warnings would bury the progress lines.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
+    quiet_lightning()
     warnings.filterwarnings("ignore", module="torchao")
 
     import torchao
 
-    command = " ".join([os.path.basename(sys.executable), *sys.argv])
-    machine = (
-        f"{platform.machine()} {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), torch"
-        f" {torch.__version__} ({torch.get_num_threads()} threads), torchao {torchao.__version__}, lightning"
-        f" {L.__version__}, python {platform.python_version()}"
-    )
+    command = command_line()
+    machine = machine_facts(f"{torch.get_num_threads()} torch threads", f"torchao {torchao.__version__}")
     print(f"command: {command}\nmachine: {machine}\nplan: {'quick' if args.quick else 'full'}, seeds {seeds},"
           f" schemes {names}")  # fmt: skip
     report: dict[str, Any] = {"command": command, "machine": machine, "plan": asdict(plan), "seeds": seeds}
@@ -850,19 +769,10 @@ def main() -> None:
         "inference": lambda: run_inference(plan, schemes, trained),
         "gpu": lambda: run_gpu(plan),
     }
-    for part in PARTS:
-        if part not in parts:
-            continue
-        progress(f"{part}: start")
-        start = time.perf_counter()
-        report[part] = runs[part]()
-        report[part]["seconds"] = time.perf_counter() - start
-        progress(f"{part}: done in {report[part]['seconds']:.0f}s")
-        write_json(args.json, report)  # after every part, so a long run that breaks keeps what it measured
-    report["goals"] = collect_goals(report, schemes)
-    report["total_seconds"] = elapsed()
-    print(f"\ntotal: {report['total_seconds']:.0f}s")
-    write_json(args.json, report)
+    run_parts({part: run for part, run in runs.items() if part in parts}, report, lambda: write_json(args.json, report))
+    print("\ngoals")
+    report["goals"] = report_goals(*collect_goals(report, schemes))
+    finish(report, args.json)
 
 
 if __name__ == "__main__":
