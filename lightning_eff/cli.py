@@ -26,6 +26,7 @@ from lightning_eff.checkpoints import AtomicCheckpointIO, newest_whole_checkpoin
 from lightning_eff.config import ConfigError, ValidatedConfig, validate
 from lightning_eff.distributed import dead_ranks, destroy_process_group_at_exit
 from lightning_eff.hydra_config import config_dir
+from lightning_eff.launch_checks import check_before_launch
 from lightning_eff.progress import EpochProgressLog
 from lightning_eff.report import (
     ReportSection,
@@ -190,6 +191,7 @@ def train(cfg: DictConfig, run_dir: Path) -> list[ReportSection] | None:
     check_slurm_launch(settings.trainer.devices, settings.trainer.num_nodes)
     L.seed_everything(settings.run.seed, workers=True, verbose=False)
     datamodule = instantiate_group(cfg, "data")
+    check_before_launch(settings, datamodule)  # here, before fit starts the other ranks: reported once
     model = instantiate_group(cfg, "model")
     trainer, callbacks = build_trainer(cfg, settings, run_dir, model)
     ckpt_path = find_resume_checkpoint(settings.run.resume, run_dir)

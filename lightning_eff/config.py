@@ -295,7 +295,7 @@ def _typed(schema: type, node: Any, prefix: str) -> Any:
         types = {f.name: f.type for f in dataclasses.fields(schema)}
         if key not in types:
             names = ", ".join(name for name in types if not name.startswith("_"))
-            rule = f"unknown key; {prefix or 'the top level'} takes {names}"
+            rule = f"unknown key; {prefix or 'the top level'} takes {names or 'no keys'}"
             raise ConfigError(key, value, rule).under(prefix) from None
         wanted = types[key]
         raise ConfigError(key, value, f"must be of type {getattr(wanted, '__name__', wanted)}").under(prefix) from None

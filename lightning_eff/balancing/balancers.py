@@ -31,8 +31,8 @@ class CostBalancer:
     """
 
     def __init__(self, cost: str | Callable[[Any], float] = "tokens") -> None:
-        if isinstance(cost, str):
-            check(cost in COSTS, "cost", cost, f"must be one of {', '.join(COSTS)} or a function of a sample")
+        check((isinstance(cost, str) and cost in COSTS) or (callable(cost) and not isinstance(cost, type)), "cost",
+              cost, f"must be one of {', '.join(COSTS)} or a function of a sample")  # fmt: skip
         self.cost = cost
 
     def cost_of(self, dataset: Dataset) -> Callable[[int], float]:
@@ -90,6 +90,8 @@ class ThroughputBalancer:
         check_fraction("min_share", min_share)
         check_fraction("tolerance", tolerance, low_open=False)
         check_int("warmup_steps", warmup_steps, 0)
+        check(cost is None or isinstance(cost, CostBalancer), "cost", cost,
+              "must be a CostBalancer or null, e.g. CostBalancer(cost=tokens) (balancing=throughput_cost)")  # fmt: skip
         self.replan_every = replan_every
         self.smoothing = smoothing
         self.min_share = min_share

@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_eff.compression.base import Compressor, Dense
 from lightning_eff.compression.powersgd import PowerSGD
 from lightning_eff.compression.transport import BucketLayout, Collectives, synchronize
-from lightning_eff.validation import check, check_int
+from lightning_eff.validation import check, check_int, check_number
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ class Auto(Compressor):
             "must be a compressor other than Auto, e.g. PowerSGD(rank=4)",
         )
         check_int("probe_steps", self.probe_steps, 1)
-        is_number = isinstance(self.margin, (int, float)) and not isinstance(self.margin, bool)
-        check(is_number and 0 <= self.margin < 1, "margin", self.margin, "must be in [0, 1)")
+        check_number("margin", self.margin, "must be in [0, 1)", lambda margin: 0 <= margin < 1)
 
     @property
     def probe_start(self) -> int:

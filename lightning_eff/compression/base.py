@@ -14,12 +14,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from lightning_eff.compression.transport import BucketLayout, Collectives
-from lightning_eff.validation import check
-
-
-def check_bool(key: str, value: Any) -> None:
-    """Refuse a config value `key` that is not a bool."""
-    check(isinstance(value, bool), key, value, "must be true or false")
+from lightning_eff.validation import check_bool as check_bool  # the compressors' bool check, shared
 
 
 class Compressor(ABC):

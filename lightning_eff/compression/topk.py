@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_eff.compression.base import check_bool
 from lightning_eff.compression.error_feedback import ErrorFeedback
 from lightning_eff.compression.transport import BucketLayout, Collectives, PerParameterState
-from lightning_eff.validation import check
+from lightning_eff.validation import check_number
 
 
 @dataclass(eq=False)
@@ -36,8 +36,7 @@ class TopK(ErrorFeedback):
     residuals: PerParameterState = field(default_factory=PerParameterState, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        is_number = isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
-        check(is_number and 0 < self.ratio <= 1, "ratio", self.ratio, "must be in (0, 1]")
+        check_number("ratio", self.ratio, "must be in (0, 1]", lambda ratio: 0 < ratio <= 1)
         check_bool("error_feedback", self.error_feedback)
 
     def compressed_mean(self, buffer: Tensor, layout: BucketLayout, comm: Collectives, step: int) -> Tensor:

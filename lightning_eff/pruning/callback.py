@@ -16,7 +16,15 @@ from lightning_eff.pruning.plot import plot_pruning
 from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
 from lightning_eff.pruning.targets import PruningTarget, select_targets
 from lightning_eff.report import ReportSection
-from lightning_eff.validation import ConfigError, check, check_choice, check_int
+from lightning_eff.validation import (
+    ConfigError,
+    check,
+    check_bool,
+    check_choice,
+    check_globs,
+    check_int,
+    check_number,
+)
 
 
 class GradualPruning(L.Callback):
@@ -40,8 +48,9 @@ class GradualPruning(L.Callback):
         pattern: the N:M pattern for ``n:m``; `target_sparsity` must then be at least N/M.
         scope: ``global`` (one threshold over all targeted weights) or ``layer`` (each tensor reaches the
             schedule's sparsity).
-        include: module-name globs of layers to prune (default: all Linear/Conv, see `select_targets`).
-        exclude: module-name globs of layers to leave dense, e.g. ``["head"]``.
+        include: module-name globs of layers to prune (default: all Linear/Conv, see `select_targets`); a
+            string is one glob.
+        exclude: module-name globs of layers to leave dense, e.g. ``["head"]``; a string is one glob.
         make_permanent: at the end of fit, stop masking (the zeros stay in the weights, so the model is a
             plain model); with False, the masks stay attached and keep applying in later fits.
 
@@ -61,13 +70,13 @@ class GradualPruning(L.Callback):
         granularity: str = "unstructured",
         pattern: str | None = None,
         scope: str = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         make_permanent: bool = True,
     ) -> None:
-        check(0 <= target_sparsity < 1, "target_sparsity", target_sparsity, "must be in [0, 1)")
-        check(0 <= initial_sparsity <= target_sparsity, "initial_sparsity", initial_sparsity,
-              f"must be in [0, target_sparsity={target_sparsity}]")  # fmt: skip
+        check_number("target_sparsity", target_sparsity, "must be in [0, 1)", lambda v: 0 <= v < 1)
+        check_number("initial_sparsity", initial_sparsity, f"must be in [0, target_sparsity={target_sparsity}]",
+                     lambda v: 0 <= v <= target_sparsity)  # fmt: skip
         check_int("start_step", start_step, 0)
         if end_step is not None:
             check_int("end_step", end_step, 1)
@@ -96,8 +105,9 @@ class GradualPruning(L.Callback):
         self.schedule_kind = schedule
         self.granularity = granularity
         self.scope = scope
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include = check_globs("include", include)
+        self.exclude = check_globs("exclude", exclude)
+        check_bool("make_permanent", make_permanent)
         self.make_permanent = make_permanent
 
         self.targets: list[PruningTarget] = []

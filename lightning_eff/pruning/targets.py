@@ -72,8 +72,10 @@ def select_targets(
         chosen = set(shrinkable_producers(model))
     else:
         chosen = set(available)
-    if exclude:
-        chosen -= match_globs(available, exclude, "exclude", "prunable layer")
+    excluded = match_globs(available, exclude, "exclude", "prunable layer") if exclude else set()
+    if chosen and chosen <= excluded:
+        raise ConfigError("exclude", exclude, f"leaves no layer to prune; layers: {', '.join(available)}")
+    chosen -= excluded
     if granularity == "n:m" and group_size is not None:
         unfit = sorted(
             name

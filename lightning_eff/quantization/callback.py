@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from lightning_eff.quantization.measure import evaluate_test_set, inference_seco
 from lightning_eff.quantization.prepare import select_layers, set_fake_quantize, swap_in_fake_quantized
 from lightning_eff.quantization.schemes import SCHEMES
 from lightning_eff.report import ReportSection, state_dict_bytes
-from lightning_eff.validation import check, check_choice, check_int
+from lightning_eff.validation import check, check_bool, check_choice, check_globs, check_int
 
 FLOAT, FAKE_QUANT = "float", "fake_quant"
 
@@ -42,8 +43,9 @@ class QuantizationAwareTraining(L.Callback):
             input width.
         start_step: optimizer step at which fake quantization starts (train in float before).
         include: module-name globs of Linear layers to quantize; default: every Linear except the last one
-            registered, the output head, whose rounding costs the most accuracy for the fewest bytes.
-        exclude: module-name globs to leave in float.
+            registered, the output head, whose rounding costs the most accuracy for the fewest bytes. A string
+            is one glob.
+        exclude: module-name globs to leave in float (a string is one glob).
         convert_on_fit_end: build `quantized_model` after fit.
         export_path: where rank 0 writes the converted model (`torch.export` format) after fit; load it with
             `lightning_eff.quantization.load_quantized`, without the training code.
@@ -61,21 +63,24 @@ class QuantizationAwareTraining(L.Callback):
         scheme: str = "int8_dynamic_act_int4_weight",
         group_size: int = 32,
         start_step: int = 0,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         convert_on_fit_end: bool = True,
         export_path: str | None = None,
     ) -> None:
         check_choice("scheme", scheme, tuple(SCHEMES))
         check_int("group_size", group_size, 1)
         check_int("start_step", start_step, 0)
+        check_bool("convert_on_fit_end", convert_on_fit_end)
+        check(export_path is None or (isinstance(export_path, (str, os.PathLike)) and str(export_path) != ""),
+              "export_path", export_path, "must be a file path or null")  # fmt: skip
         check(export_path is None or convert_on_fit_end, "export_path", export_path,
               "needs convert_on_fit_end=true: only a converted model is exported")  # fmt: skip
         self.scheme = SCHEMES[scheme]
         self.group_size = group_size
         self.start_step = start_step
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include = check_globs("include", include)
+        self.exclude = check_globs("exclude", exclude)
         self.convert_on_fit_end = convert_on_fit_end
         self.export_path = export_path
 

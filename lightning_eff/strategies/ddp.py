@@ -22,7 +22,7 @@ from lightning_eff.compression.communication import CompressedCommunication, res
 from lightning_eff.compression.stats import CompressionStats
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.report import ReportSection
-from lightning_eff.validation import ConfigError
+from lightning_eff.validation import ConfigError, check
 
 
 class EfficientDDPStrategy(DDPStrategy):
@@ -57,6 +57,12 @@ class EfficientDDPStrategy(DDPStrategy):
         balancer: ThroughputBalancer | CostBalancer | str | None = None,
         **kwargs: Any,
     ) -> None:
+        for key, value in (("compression", compression), ("balancer", balancer)):
+            if isinstance(value, type):  # the class itself, e.g. compression=PowerSGD
+                raise ConfigError(key, value.__name__, f"is a class; pass an instance, e.g. {value.__name__}()")
+        balancers = (ThroughputBalancer, CostBalancer)
+        check(balancer is None or balancer == "throughput" or isinstance(balancer, balancers), "balancer", balancer,
+              "must be a ThroughputBalancer, a CostBalancer, throughput (a default one) or None")  # fmt: skip
         if compression is not None and kwargs.get("ddp_comm_hook") is not None:
             raise ConfigError("compression", compression, "cannot be combined with ddp_comm_hook; choose one")
         super().__init__(**kwargs)
