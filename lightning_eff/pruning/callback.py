@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, MaskApplier, Masks, compute_masks, parse_pattern
 from lightning_eff.pruning.plot import plot_pruning
 from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
-from lightning_eff.pruning.targets import PruningTarget, select_targets
+from lightning_eff.pruning.targets import PruningTarget, select
 from lightning_eff.report import ReportSection
 from lightning_eff.validation import (
     ConfigError,
@@ -36,6 +37,23 @@ class GradualPruning(L.Callback):
     strictly into the plain model. Masks are broadcast from rank 0 under DDP and saved in the checkpoint,
     so a resumed run continues the schedule from its step with the same masks.
 
+    Layers: every kind in the registry of `lightning_eff.pruning.layers` (Linear, Conv1d/2d/3d,
+    MultiheadAttention's packed ``in_proj_weight``, Hugging Face's transposed ``Conv1D``;
+    `register_prunable` adds others). A tied weight (GPT-2's ``lm_head`` and ``wte``) is pruned once, with
+    one mask under its canonical name and the other names as aliases; a layer tied to an embedding is left
+    dense unless `include` names it (pruning it prunes the embedding). `left_dense` says which and why.
+
+    Several fits: a callback used for another ``fit`` of the same model *continues*. It keeps its masks and
+    goes on applying them, and builds the schedule for the new run (``end_step=None``: 75% of that run's
+    optimizer steps) starting from the sparsity already reached, so a second fit after reaching the target
+    stays at the target, and one after a run that stopped early resumes pruning toward it. Given another
+    model, it starts over. A run that resumes from a checkpoint follows the checkpoint's schedule instead.
+
+    A run that ends before `end_step` (``max_steps``, EarlyStopping, an `end_step` past the run's steps) does
+    not reach `target_sparsity`: that is warned when the schedule is built, if `end_step` lies beyond the
+    planned steps (``trainer.estimated_stepping_batches``), and again at the end of fit with the achieved and
+    target sparsity; the report has ``end_step``, ``planned_steps`` and ``reached_target``.
+
     Args:
         target_sparsity: share of the targeted weights that are zero at `end_step`, in [0, 1).
         initial_sparsity: sparsity at `start_step`.
@@ -52,7 +70,9 @@ class GradualPruning(L.Callback):
             string is one glob.
         exclude: module-name globs of layers to leave dense, e.g. ``["head"]``; a string is one glob.
         make_permanent: at the end of fit, stop masking (the zeros stay in the weights, so the model is a
-            plain model); with False, the masks stay attached and keep applying in later fits.
+            plain model); the callback keeps the masks, and a later fit with it applies them again. With
+            False, masking stays on after fit (nothing trains between fits, so the two differ only in
+            `state_dict`'s ``active``).
 
     Example::
 
@@ -111,6 +131,7 @@ class GradualPruning(L.Callback):
         self.make_permanent = make_permanent
 
         self.targets: list[PruningTarget] = []
+        self.left_dense: dict[str, str] = {}
         self.masks: Masks = {}
         self.history: list[dict[str, float]] = []
         self._schedule: SparsitySchedule | None = None
@@ -119,6 +140,17 @@ class GradualPruning(L.Callback):
         self._parameters: dict[str, torch.Tensor] = {}
         self._apply = MaskApplier({}, {})
         self._active = True
+        # Lifecycle: where this fit's schedule starts (step and sparsity carried from an earlier fit), how many
+        # optimizer steps the run planned, whether a checkpoint was restored, and which model the masks are for.
+        self._run_start = 0
+        self._carried = 0.0
+        self._planned_steps: int | None = None
+        self._restored = False
+        self._model: weakref.ref[L.LightningModule] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A weak reference does not pickle (ddp_spawn pickles the trainer's callbacks); a copy forgets the model.
+        return {**self.__dict__, "_model": None}
 
     # --- what a user reads ---------------------------------------------------------------------------
 
@@ -148,22 +180,35 @@ class GradualPruning(L.Callback):
 
     # --- Lightning hooks -----------------------------------------------------------------------------
 
+    @property
+    def reached_target(self) -> bool:
+        """Whether the masks were last computed at `target_sparsity` (the schedule got to its end)."""
+        return self._mask_sparsity >= self.target_sparsity - 1e-9
+
     def check_model(self, model: torch.nn.Module) -> list[PruningTarget]:
         """Resolve include/exclude against `model`; a pattern that matches nothing raises `ConfigError`."""
         group_size = self.pattern[1] if self.pattern else None
-        return select_targets(model, self.granularity, self.include, self.exclude, group_size)
+        selection = select(model, self.granularity, self.include, self.exclude, group_size)
+        self.left_dense = selection.left_dense
+        return selection.targets
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before DDP wraps the model and optimizers are built: only names are resolved here, nothing is swapped.
         if stage == "fit" or not self.targets:
             self.targets = self.check_model(pl_module)
+            reasons: dict[str, list[str]] = {}
+            for layer, why in self.left_dense.items():
+                reasons.setdefault(why, []).append(layer)
+            for why, layers in reasons.items():
+                rank_zero_info(f"GradualPruning: left dense: {', '.join(layers)}: {why}")
         if trainer.world_size > 1:
             destroy_process_group_at_exit()
         self._parameters = self._target_parameters(pl_module)
 
     def _target_parameters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        parameters = dict(pl_module.named_parameters())
+        # remove_duplicate=False: a tied weight's canonical name may be one that named_parameters() would drop
+        parameters = dict(pl_module.named_parameters(remove_duplicate=False))
         names = [name for t in self.targets for name in (t.weight, *t.coupled)]
         return {name: parameters[name] for name in names}
 
@@ -171,26 +216,63 @@ class GradualPruning(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_fit_start: Lightning restores global_step from a checkpoint only after on_fit_start.
         self._parameters = self._target_parameters(pl_module)
+        self._start_run(trainer, pl_module)
+        self._schedule = self._build_schedule(trainer)
+        self._active = True
+        self._last_step = trainer.global_step
+        device = next(iter(self._parameters.values())).device
+        self._set_masks({name: mask.to(device) for name, mask in self.masks.items()})
+        self._apply()  # a resumed or continued run goes on with the masks it has
+        self._update(trainer)
+
+    def _start_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Decide what this fit continues: a checkpoint, an earlier fit of the same model, or nothing."""
+        same_model = self._model is not None and self._model() is pl_module
+        self._model = weakref.ref(pl_module)
+        if self._restored:  # load_state_dict ran (Lightning's resume calls it after setup): follow the checkpoint
+            self._restored = False
+            return
+        self._run_start = trainer.global_step
+        if self.masks and same_model and set(self.masks) == set(self._parameters):
+            self._carried = self._mask_sparsity
+            rank_zero_info(
+                f"GradualPruning: continuing from sparsity {self._carried:.4g} with the previous fit's masks; "
+                "this run's schedule starts there"
+            )
+            return
+        if self.masks:
+            rank_zero_info("GradualPruning: another model (or other targets) than the previous fit's: starting over")
+        self.masks, self._mask_sparsity, self._carried, self.history = {}, 0.0, 0.0, []
+
+    def _build_schedule(self, trainer: L.Trainer) -> SparsitySchedule:
+        total = trainer.estimated_stepping_batches
+        last_step = int(total) if 0 < total < float("inf") else None
+        self._planned_steps = None if last_step is None else last_step - self._run_start
         end_step = self.end_step
         if end_step is None:
-            total = trainer.estimated_stepping_batches
-            if not 0 < total < float("inf"):
+            if self._planned_steps is None:
                 raise ConfigError("end_step", None, "must be set when the run has no max_steps or max_epochs")
-            end_step = max(self.start_step + 1, int(0.75 * total))
-            rank_zero_info(f"GradualPruning: end_step=None -> {end_step} (75% of {int(total)} optimizer steps)")
-        self._schedule = SparsitySchedule(
+            end_step = max(self.start_step + 1, self._run_start + int(0.75 * self._planned_steps))
+            rank_zero_info(
+                f"GradualPruning: end_step=None -> {end_step} (75% of {self._planned_steps} optimizer steps)"
+            )
+        schedule = SparsitySchedule(
             target_sparsity=self.target_sparsity,
-            initial_sparsity=self.initial_sparsity,
+            initial_sparsity=min(max(self.initial_sparsity, self._carried), self.target_sparsity),
             start_step=self.start_step,
             end_step=end_step,
             update_every=self.update_every,
             kind=self.schedule_kind,
         )
-        self._last_step = trainer.global_step
-        device = next(iter(self._parameters.values())).device
-        self._set_masks({name: mask.to(device) for name, mask in self.masks.items()})
-        self._apply()  # a resumed run continues with the checkpoint's masks
-        self._update(trainer)
+        reaches_at = schedule.start_step if schedule.kind == "one_shot" else schedule.end_step
+        if last_step is not None and reaches_at > last_step and not self.reached_target:
+            ends_at = max(self._mask_sparsity, schedule.sparsity_at(last_step))
+            rank_zero_warn(
+                f"GradualPruning: end_step={reaches_at} is past this run's last optimizer step ({last_step}): "
+                f"it will end at sparsity {ends_at:.4g}, not target_sparsity={self.target_sparsity:g}. Set "
+                "end_step <= the run's steps or train longer (another fit with this callback continues)."
+            )
+        return schedule
 
     @override
     def on_train_batch_end(
@@ -207,7 +289,14 @@ class GradualPruning(L.Callback):
         self._apply()
         if self.make_permanent:
             self._active = False
-            self._set_masks({})
+            self._apply = MaskApplier({}, {})  # masking stops; the masks are kept for a later fit
+        if self._schedule is not None and not self.reached_target:
+            rank_zero_warn(
+                f"GradualPruning: training ended at step {trainer.global_step}, before the schedule reached "
+                f"target_sparsity={self.target_sparsity:g} at step {self._schedule.end_step}: sparsity "
+                f"{self.sparsity:.4g} (scheduled {self._mask_sparsity:.4g}). Another fit with this callback "
+                "continues from these masks."
+            )
 
     def _set_masks(self, masks: Masks) -> None:
         self.masks = masks
@@ -215,13 +304,16 @@ class GradualPruning(L.Callback):
 
     def _update(self, trainer: L.Trainer) -> None:
         """Recompute the masks when the schedule's sparsity has changed since they were computed."""
+        # Masks only grow: before start_step a continued fit's schedule says 0, and a run resumed with more steps
+        # than the checkpoint's run planned has a later end_step, so a lower sparsity at the same step.
         target = self.schedule.sparsity_at(trainer.global_step)
-        if target == self._mask_sparsity:
+        if target <= self._mask_sparsity:
             return
         weights = {t.weight: self._parameters[t.weight] for t in self.targets}
-        masks = compute_masks(weights, target, self.granularity, self.scope, self.pattern)
+        layouts = {t.weight: t.layout for t in self.targets}
+        masks = compute_masks(weights, target, self.granularity, self.scope, self.pattern, layouts)
         for t in self.targets:  # a pruned channel takes its bias (and following BatchNorm) entries with it
-            masks.update({name: masks[t.weight].reshape(-1) for name in t.coupled})
+            masks.update({name: masks[t.weight].movedim(t.output_dim, 0).reshape(-1) for name in t.coupled})
         # Identical weights give identical masks on every rank; broadcasting rank 0's makes it a guarantee.
         masks = trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
         device = next(iter(self._parameters.values())).device
@@ -247,6 +339,8 @@ class GradualPruning(L.Callback):
             "history": list(self.history),
             "targets": [t.weight for t in self.targets],
             "active": self._active,
+            "run_start": self._run_start,
+            "carried": self._carried,
         }
 
     @override
@@ -255,6 +349,9 @@ class GradualPruning(L.Callback):
         self._mask_sparsity = float(state_dict["mask_sparsity"])
         self.history = list(state_dict["history"])
         self._active = bool(state_dict.get("active", True))
+        self._run_start = int(state_dict.get("run_start", 0))
+        self._carried = float(state_dict.get("carried", 0.0))
+        self._restored = True
         saved = set(state_dict["targets"])
         if self.targets and saved != {t.weight for t in self.targets}:
             raise ValueError(f"the checkpoint's pruning targets {sorted(saved)} differ from this run's")
@@ -266,6 +363,14 @@ class GradualPruning(L.Callback):
         layers = self.layer_sparsity
         figure = plot_pruning(self.history, layers, run_dir / "pruning.png")
         nonzero = sum(int((self._parameters[name] != 0).sum()) for name in layers)
+        aliases = {t.weight: t.aliases for t in self._live_targets()}
+        rows: list[dict[str, Any]] = [
+            {"layer": name, "shape": "x".join(map(str, self._parameters[name].shape)), "sparsity": value}
+            for name, value in layers.items()
+        ]
+        if any(aliases.values()):
+            for row in rows:
+                row["tied_to"] = ", ".join(aliases[row["layer"]])
         return ReportSection(
             name="pruning",
             summary={
@@ -274,13 +379,16 @@ class GradualPruning(L.Callback):
                 "schedule": self.schedule_kind,
                 "target_sparsity": self.target_sparsity,
                 "achieved_sparsity": self.sparsity,
+                "reached_target": self.reached_target,
+                "end_step": self._schedule.end_step if self._schedule else self.end_step,
+                "planned_steps": self._planned_steps,
+                "continued_from_sparsity": self._carried,
                 "targeted_weights": sum(self._parameters[name].numel() for name in layers),
                 "nonzero_targeted_weights": nonzero,
                 "mask_updates": len(self.history),
+                "tied": {name: list(names) for name, names in aliases.items() if names},
+                "left_dense": dict(self.left_dense),
             },
-            rows=[
-                {"layer": name, "shape": "x".join(map(str, self._parameters[name].shape)), "sparsity": value}
-                for name, value in layers.items()
-            ],
+            rows=rows,
             figures=[figure.name],
         )

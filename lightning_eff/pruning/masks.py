@@ -1,8 +1,9 @@
 """Masks from scores, and applying them: the functional core of GradualPruning.
 
 A mask here marks what is *pruned* (True = zero), has the parameter's shape or broadcasts to it (a
-channel mask is [out, 1, ...]), and is applied in place by multiplying with its complement: no forward
-hooks and no `weight_orig`, so a pruned model's state_dict loads strictly into the plain model.
+channel mask is [out, 1, ...], or [1, out] for a weight stored [in, out]: see `compute_masks`), and is
+applied in place by multiplying with its complement: no forward hooks and no `weight_orig`, so a pruned
+model's state_dict loads strictly into the plain model.
 """
 
 from __future__ import annotations
@@ -121,23 +122,67 @@ def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, n: int, m: in
     return masks
 
 
+Layout = tuple[int, int]
+"""A weight's (output dim, input dim): (0, 1) for Linear and Conv, (1, 0) for Hugging Face's Conv1D."""
+
+
+def _dims(tensor: torch.Tensor, layout: Layout) -> tuple[int, int]:
+    output_dim, input_dim = (dim % tensor.dim() for dim in layout)
+    return output_dim, input_dim
+
+
+def to_layout(tensor: torch.Tensor, granularity: str, layout: Layout) -> torch.Tensor:
+    """A view of `tensor` in the layout the mask functions expect.
+
+    Output channels first; for ``n:m`` also the input dimension last, so that groups of M consecutive weights
+    run along it (a Linear's [out, in] is unchanged). ``unstructured`` masks ignore the layout.
+    """
+    if granularity == "unstructured":
+        return tensor
+    output_dim, input_dim = _dims(tensor, layout)
+    if granularity == "channels":
+        return tensor.movedim(output_dim, 0)
+    return tensor.movedim((output_dim, input_dim), (0, -1))
+
+
+def from_layout(mask: torch.Tensor, granularity: str, layout: Layout) -> torch.Tensor:
+    """Undo `to_layout` on a mask (a channel mask [out, 1, ...] becomes e.g. [1, out] for a Conv1D)."""
+    if granularity == "unstructured":
+        return mask
+    output_dim, input_dim = _dims(mask, layout)
+    if granularity == "channels":
+        return mask.movedim(0, output_dim).contiguous()
+    return mask.movedim((0, -1), (output_dim, input_dim)).contiguous()
+
+
 def compute_masks(
     weights: Mapping[str, torch.Tensor],
     sparsity: float,
     granularity: str,
     scope: str,
     pattern: tuple[int, int] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> Masks:
-    """Masks that bring `weights` to `sparsity` at the given granularity (see module docstring)."""
+    """Masks that bring `weights` to `sparsity` at the given granularity (see module docstring).
+
+    `layouts` gives a weight's (output dim, input dim) where it is not (0, 1), e.g. ``(1, 0)`` for Hugging
+    Face's Conv1D, whose weight is [in, out]: channels then prune its columns and N:M groups run down its
+    rows. Masks come back in each weight's own layout.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}: must be one of {', '.join(GRANULARITIES)}")
+    if granularity == "n:m" and pattern is None:
+        raise ValueError("granularity='n:m' needs a pattern such as '2:4'")
+    layouts = layouts or {}
+    views = {name: to_layout(weight, granularity, layouts.get(name, (0, 1))) for name, weight in weights.items()}
     if granularity == "unstructured":
-        return unstructured_masks(weights, sparsity, scope)
-    if granularity == "channels":
-        return channel_masks(weights, sparsity, scope)
-    if granularity == "n:m":
-        if pattern is None:
-            raise ValueError("granularity='n:m' needs a pattern such as '2:4'")
-        return nm_masks(weights, sparsity, *pattern, scope)
-    raise ValueError(f"granularity={granularity!r}: must be one of {', '.join(GRANULARITIES)}")
+        masks = unstructured_masks(views, sparsity, scope)
+    elif granularity == "channels":
+        masks = channel_masks(views, sparsity, scope)
+    else:
+        assert pattern is not None
+        masks = nm_masks(views, sparsity, *pattern, scope)
+    return {name: from_layout(mask, granularity, layouts.get(name, (0, 1))) for name, mask in masks.items()}
 
 
 class MaskApplier:

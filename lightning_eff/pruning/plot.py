@@ -15,9 +15,17 @@ from lightning_eff.checkpoints import atomic_path
 def plot_pruning(history: list[dict[str, float]], layer_sparsity: dict[str, float], path: Path) -> Path:
     """Write a two-panel PNG to `path` and return it."""
     figure, (over_steps, per_layer) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3]})
-    steps = [entry["step"] for entry in history]
-    over_steps.step(steps, [entry["target"] for entry in history], where="post", label="target (schedule)")
-    over_steps.plot(steps, [entry["achieved"] for entry in history], "o", markersize=3, label="achieved")
+    # A callback reused for several fits keeps one history; each fit's steps start again, so draw fits apart.
+    fits: list[list[dict[str, float]]] = []
+    for entry in history:
+        if not fits or entry["step"] < fits[-1][-1]["step"]:
+            fits.append([])
+        fits[-1].append(entry)
+    for index, fit in enumerate(fits or [[]]):
+        steps = [entry["step"] for entry in fit]
+        suffix = f", fit {index + 1}" if len(fits) > 1 else ""
+        over_steps.step(steps, [entry["target"] for entry in fit], where="post", label=f"target (schedule){suffix}")
+        over_steps.plot(steps, [entry["achieved"] for entry in fit], "o", markersize=3, label=f"achieved{suffix}")
     over_steps.set(xlabel="optimizer step", ylabel="sparsity of targeted weights", ylim=(0, 1))
     over_steps.set_title("Sparsity over training")
     over_steps.legend(loc="lower right")
