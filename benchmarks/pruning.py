@@ -7,13 +7,22 @@ Both pruners run on the same model, data, steps and seed in one process; each pa
 3. ``overhead``: median training-step time with no pruning, ModelPruning and ours, interleaved in rounds.
 4. ``channels``: channel pruning at 50% then `shrink`: CPU inference speed and accuracy, masked vs shrunk.
 5. ``gpu``: 2:4 pruning then torchao's semi-structured kernels vs dense (only with a CUDA device).
+6. ``structured``: dependency-graph channel groups (`dependency.analyze`) pruned 50% and shrunk, on a ResNet
+   and a BERT encoder: parameters, CPU inference masked vs shrunk, and digits accuracy of dense, structured and
+   unstructured pruning at the same parameter count after the same training budget (ResNet only).
+7. ``torch_pruning``: Torch-Pruning's one-shot L1 50% (DepGraph) vs ours on the same models: parameters, speed,
+   and whether the pruned model computes what its masked version does (skipped when `torch_pruning` is not
+   installed: ``.venv/bin/pip install torch-pruning``; a benchmark-only peer, not a dependency).
+8. ``packed``: bytes on disk of `sparse_format.save_sparse` vs dense `torch.save` at 50/80/90% unstructured
+   sparsity, float32 and int8-converted.
 
 ModelPruning gets every advantage the callback offers: L1 unstructured, global, the same Linear weights,
 a per-epoch amount that follows the same cubic schedule and ends exactly at the target, no lottery-ticket
 reset, and its reparametrization removed at the end of fit before sparsity is counted.
 
 Usage:
-    python benchmarks/pruning.py [--quick] [--seeds N] [--json PATH] [--only mlp,gpt,overhead,channels,gpu]
+    python benchmarks/pruning.py [--quick] [--seeds N] [--json PATH]
+        [--only mlp,gpt,overhead,channels,gpu,structured,torch_pruning,packed]
 """
 
 from __future__ import annotations
@@ -21,14 +30,18 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from harness import (
+    REPO,
     Goal,
     StepRecorder,
     command_line,
@@ -55,7 +68,7 @@ from lightning_eff.pruning import GradualPruning, shrink
 from lightning_eff.pruning.masks import zero_fraction
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
 
-PARTS = ("mlp", "gpt", "overhead", "channels", "gpu")
+PARTS = ("mlp", "gpt", "overhead", "channels", "gpu", "structured", "torch_pruning", "packed")
 VARIANTS = ("dense", "model_pruning", "ours")
 PRUNE_FRACTION = 0.75  # both pruners reach the target after this share of training
 MLP_SPARSITY = 0.9
@@ -85,6 +98,13 @@ class Plan:
     gpu_width: int
     gpu_layers: int
     gpu_steps: int
+    structured_width: int  # ResNet base width
+    structured_steps: int  # digits training steps per variant
+    structured_image: int  # side of the upsampled digits images trained on
+    bert_hidden: int
+    bert_layers: int
+    bert_seq: int
+    packed_width: int  # hidden width of the digits MLP whose state_dict is saved
 
 
 FULL = Plan(
@@ -107,6 +127,13 @@ FULL = Plan(
     gpu_width=1024,
     gpu_layers=4,
     gpu_steps=300,
+    structured_width=32,
+    structured_steps=300,
+    structured_image=16,
+    bert_hidden=128,
+    bert_layers=4,
+    bert_seq=64,
+    packed_width=1024,
 )
 QUICK = Plan(
     seeds=1,
@@ -126,6 +153,13 @@ QUICK = Plan(
     gpu_width=256,
     gpu_layers=2,
     gpu_steps=40,
+    structured_width=16,
+    structured_steps=60,
+    structured_image=16,
+    bert_hidden=64,
+    bert_layers=2,
+    bert_seq=32,
+    packed_width=256,
 )
 
 
@@ -437,6 +471,448 @@ def run_gpu(plan: Plan, seed: int) -> dict[str, Any]:
     }
 
 
+# --- structured pruning of dependency-graph groups, Torch-Pruning, packed files ------------------------------
+
+
+def zoo() -> Any:
+    """tests/zoo/models.py: the ResNet and BERT the capability tests use (a repository checkout is assumed)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.zoo import models
+
+    return models
+
+
+def resnet(plan: Plan, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return zoo().ResNet(width=plan.structured_width).eval()
+
+
+def bert(plan: Plan, seed: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=zoo().VOCAB, hidden_size=plan.bert_hidden, num_hidden_layers=plan.bert_layers,
+                        num_attention_heads=4, intermediate_size=4 * plan.bert_hidden,
+                        max_position_embeddings=plan.bert_seq, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # fmt: skip
+    torch.manual_seed(seed)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def gpt2(plan: Plan, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return zoo().gpt2().eval()
+
+
+def model_inputs(name: str, plan: Plan, batch: int) -> dict[str, torch.Tensor]:
+    """Fixed inputs: 32x32 RGB images for the ResNet, random tokens for the language models."""
+    generator = torch.Generator().manual_seed(1234)
+    if name == "resnet":
+        return {"x": torch.randn(batch, 3, 32, 32, generator=generator)}
+    length = plan.bert_seq if name == "bert" else zoo().SEQ
+    return {"input_ids": torch.randint(0, zoo().VOCAB, (batch, length), generator=generator)}
+
+
+MODELS: dict[str, Callable[[Plan, int], nn.Module]] = {"resnet": resnet, "bert": bert, "gpt2": gpt2}
+TIMING_BATCH = 32
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def apply_parameter_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the masked (True) entries of the named parameters, in place."""
+    for name, parameter in model.named_parameters():
+        if name in masks:
+            parameter.masked_fill_(masks[name], 0.0)
+
+
+@torch.inference_mode()
+def outputs_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return zoo().logits_of(model(**inputs)).float()
+
+
+def output_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Max |difference| relative to the reference's largest magnitude (inf when the shapes differ)."""
+    if reference.shape != other.shape:
+        return float("inf")
+    return float((reference - other).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def prune_and_shrink(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """Ours, one-shot: every prunable group of `analyze` masked at 50% by group L2 (in place), then shrunk."""
+    from lightning_eff.pruning.dependency import analyze
+    from lightning_eff.pruning.structured_shrink import group_masks, shrink_groups
+
+    analysis = analyze(model, example)
+    masks = group_masks(model, analysis.groups, CHANNEL_SPARSITY, scope="layer")
+    apply_parameter_masks(model, masks)
+    shrunk, _ = shrink_groups(model, analysis.groups, masks)
+    facts = {
+        "groups": [f"{g.kind}:{g.size}" for g in analysis.groups],
+        "skipped": [f"{s.group.kind}:{s.group.size}: {s.reasons[0][:80]}" for s in analysis.skipped],
+    }
+    return shrunk.eval(), facts
+
+
+def cubic_sparsity(target: float, step: int, end: int) -> float:
+    return target * (1 - (1 - min(step, end) / end) ** 3)
+
+
+def digits_images(side: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The digits train and test splits upsampled (bilinear) to side x side, the channel repeated to RGB."""
+    data = DigitsDataModule()
+    data.setup()
+
+    def images(subset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = subset.tensors
+        pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
+        return (pixels - 0.5).repeat(1, 3, 1, 1), labels
+
+    return images(data.train_set), images(data.test_set)
+
+
+def train_digits(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    seed: int,
+    masks_at: Callable[[float], dict[str, torch.Tensor]] | None = None,
+    update_every: int = 10,
+) -> None:
+    """AdamW on random batches of 64; with `masks_at`, masks recomputed every `update_every` steps at the cubic
+    schedule's sparsity (reaching 50% at 75% of the steps) and applied after every optimizer step."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    images, labels = train
+    end = max(1, int(PRUNE_FRACTION * steps))
+    masks: dict[str, torch.Tensor] = {}
+    model.train()
+    for step in range(1, steps + 1):
+        batch = torch.randint(0, len(labels), (64,), generator=generator)
+        loss = F.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if masks_at is not None:
+            if step <= end and (step % update_every == 0 or step == end):
+                masks = masks_at(cubic_sparsity(1.0, step, end))
+            apply_parameter_masks(model, masks)
+    model.eval()
+
+
+@torch.inference_mode()
+def images_accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    model.eval()
+    images, labels = test
+    correct = sum(int((model(images[i : i + 256]).argmax(-1) == labels[i : i + 256]).sum())
+                  for i in range(0, len(labels), 256))  # fmt: skip
+    return 100 * correct / len(labels)
+
+
+def structured_accuracy(plan: Plan, seed: int) -> dict[str, Any]:
+    """Dense, structured (group masks -> shrink) and unstructured (global magnitude, same nonzero count as the
+    shrunk model's parameters) ResNets trained on upsampled digits with the same steps, data order and seed."""
+    from lightning_eff.pruning.dependency import analyze
+    from lightning_eff.pruning.masks import unstructured_masks
+    from lightning_eff.pruning.structured_shrink import group_masks, shrink_groups
+
+    train, test = digits_images(plan.structured_image)
+    example = {"x": train[0][:2]}
+    accuracy_pct: dict[str, float] = {}
+    nonzero: dict[str, int] = {}
+
+    model = resnet(plan, seed)
+    train_digits(model, train, plan.structured_steps, seed)
+    accuracy_pct["dense"], nonzero["dense"] = images_accuracy(model, test), parameter_count(model)
+    progress(f"  dense: {accuracy_pct['dense']:.2f}%")
+
+    model = resnet(plan, seed)
+    groups = analyze(model, example).groups
+    train_digits(model, train, plan.structured_steps, seed,
+                 lambda s: group_masks(model, groups, s * CHANNEL_SPARSITY, scope="layer"))  # fmt: skip
+    shrunk, _ = shrink_groups(model, groups, group_masks(model, groups, CHANNEL_SPARSITY, scope="layer"))
+    accuracy_pct["structured (masked)"] = images_accuracy(model, test)
+    accuracy_pct["structured (shrunk)"] = images_accuracy(shrunk, test)
+    nonzero["structured (masked)"] = sum(int(p.count_nonzero()) for p in model.parameters())
+    nonzero["structured (shrunk)"] = parameter_count(shrunk)
+    with torch.inference_mode():
+        difference = output_difference(model(test[0]), shrunk(test[0]))
+    progress(f"  structured: {accuracy_pct['structured (shrunk)']:.2f}%")
+
+    model = resnet(plan, seed)
+    weights = {n: p for n, p in model.named_parameters() if p.dim() > 1}
+    others = parameter_count(model) - sum(p.numel() for p in weights.values())
+    sparsity = 1 - (nonzero["structured (shrunk)"] - others) / sum(p.numel() for p in weights.values())
+
+    def unstructured(fraction: float) -> dict[str, torch.Tensor]:
+        return unstructured_masks({n: p.detach() for n, p in weights.items()}, fraction * sparsity, "global")
+
+    train_digits(model, train, plan.structured_steps, seed, unstructured)
+    accuracy_pct["unstructured"] = images_accuracy(model, test)
+    nonzero["unstructured"] = sum(int(p.count_nonzero()) for p in model.parameters())
+    progress(f"  unstructured ({sparsity:.1%} of conv/linear weights): {accuracy_pct['unstructured']:.2f}%")
+    return {"accuracy_pct": accuracy_pct, "nonzero_parameters": nonzero, "unstructured_weight_sparsity": sparsity,
+            "masked_vs_shrunk_difference": difference, "train_images": len(train[1]),
+            "test_images": len(test[1])}  # fmt: skip
+
+
+def run_structured(plan: Plan, seed: int) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    speed: dict[str, dict[str, Any]] = {}
+    for name in ("resnet", "bert"):
+        model = MODELS[name](plan, seed)
+        shrunk, facts = prune_and_shrink(model, model_inputs(name, plan, 2))
+        inputs = model_inputs(name, plan, TIMING_BATCH)
+        difference = output_difference(outputs_of(model, inputs), outputs_of(shrunk, inputs))
+        seconds = time_interleaved({"masked": partial(model, **inputs), "shrunk": partial(shrunk, **inputs)},
+                                   plan.inference_rounds, plan.inference_iterations // 3 or 1)  # fmt: skip
+        speed[name] = {
+            "parameters": {"before": parameter_count(model), "after": parameter_count(shrunk)},
+            "median_inference_s": {k: median(v) for k, v in seconds.items()},
+            "speedup": median(seconds["masked"]) / median(seconds["shrunk"]),
+            "max_relative_difference": difference,
+            **facts,
+        }
+        progress(f"  {name}: {speed[name]['speedup']:.2f}x")
+    shapes = {"resnet": f"ResNet width {plan.structured_width}, batch {TIMING_BATCH}x3x32x32",
+              "bert": f"BERT hidden {plan.bert_hidden}, {plan.bert_layers} layers, intermediate"
+                      f" {4 * plan.bert_hidden}, batch {TIMING_BATCH}x{plan.bert_seq}"}  # fmt: skip
+    print_table(
+        f"6a. structured: {CHANNEL_SPARSITY:.0%} of every dependency-graph group (layer scope, group L2), then"
+        f" shrink_groups; CPU inference, 1 thread, {plan.inference_rounds} interleaved rounds",
+        ["model", "params before", "params after", "masked ms", "shrunk ms", "speed-up", "max rel diff"],
+        [
+            [shapes[name], r["parameters"]["before"], r["parameters"]["after"],
+             f"{1e3 * r['median_inference_s']['masked']:.2f}", f"{1e3 * r['median_inference_s']['shrunk']:.2f}",
+             f"{r['speedup']:.2f}x", f"{r['max_relative_difference']:.1e}"]
+            for name, r in speed.items()
+        ],
+    )  # fmt: skip
+    for name, r in speed.items():
+        print(f"{name}: groups pruned {r['groups']}; not pruned: {r['skipped']}")
+    progress("  training dense, structured and unstructured ResNets on digits")
+    trained = structured_accuracy(plan, seed)
+    accuracy_pct, nonzero = trained["accuracy_pct"], trained["nonzero_parameters"]
+    print_table(
+        f"6b. ResNet width {plan.structured_width} on digits upsampled to {plan.structured_image}x"
+        f"{plan.structured_image} (RGB by repetition; {trained['train_images']} train, {trained['test_images']}"
+        f" test), {plan.structured_steps} AdamW steps of 64 each; pruned variants reach the target cubically by"
+        f" {PRUNE_FRACTION:.0%} of the steps, masks after every step",
+        ["variant", "nonzero params", "test acc %"],
+        [[variant, nonzero[variant], f"{accuracy_pct[variant]:.2f}"] for variant in accuracy_pct],
+    )  # fmt: skip
+    print(
+        f"unstructured: global magnitude over conv/linear weights at {trained['unstructured_weight_sparsity']:.1%},"
+        " the share that leaves as many nonzero parameters as the shrunk model has"
+    )
+    structured = accuracy_pct["structured (shrunk)"]
+    torch.set_num_threads(threads)
+    goals = report_goals(
+        *[Goal(f"{name}: shrunk at least 1.6x faster than masked at {CHANNEL_SPARSITY:.0%}",
+               f"{r['speedup']:.2f}x", r["speedup"] >= 1.6) for name, r in speed.items()],
+        Goal("masked and shrunk ResNet: identical test accuracy",
+             f"masked {accuracy_pct['structured (masked)']:.2f}, shrunk {structured:.2f}",
+             accuracy_pct["structured (masked)"] == structured),
+    )  # fmt: skip
+    return {"speed": speed, **trained, "goals": goals}
+
+
+def torch_pruning_one_shot(
+    tp: Any, model: nn.Module, example: dict[str, torch.Tensor], ignored: list[str]
+) -> tuple[nn.Module, nn.Module, list[str]]:
+    """Torch-Pruning's MagnitudePruner (L1, 50%, one step) on a copy of `model`; the pruned copy, the original
+    with the same entries zeroed (its masked version), and the module types whose pruning it could not mirror."""
+    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    names = {id(module): name for name, module in pruned.named_modules()}
+    pruner = tp.pruner.MagnitudePruner(
+        pruned, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=CHANNEL_SPARSITY,
+        ignored_layers=[pruned.get_submodule(name) for name in ignored],
+    )  # fmt: skip
+    records = []
+    for group in pruner.step(interactive=True):
+        for dep, indices in group:
+            module = dep.target.module
+            if id(module) in names:
+                handler = getattr(dep.handler, "__name__", str(dep.handler))
+                records.append((names[id(module)], "out" in handler, [int(getattr(i, "idx", i)) for i in indices]))
+        group.prune()
+    unmirrored = set()
+    with torch.no_grad():
+        for name, out, indices in records:
+            module = masked.get_submodule(name)
+            index = torch.tensor(indices, dtype=torch.long)
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                module.weight.index_fill_(0 if out else 1, index, 0.0)
+                if out and module.bias is not None:
+                    module.bias.index_fill_(0, index, 0.0)
+            elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+                module.weight.index_fill_(0, index, 0.0)
+                module.bias.index_fill_(0, index, 0.0)
+            elif isinstance(module, nn.Embedding):
+                module.weight.index_fill_(1, index, 0.0)
+            else:
+                unmirrored.add(type(module).__name__)
+    last_norm = [name for name, out, _ in records if isinstance(masked.get_submodule(name), nn.LayerNorm)]
+    pruned.kept_output = None  # type: ignore[assignment]
+    if last_norm:  # the hidden width was pruned: compare the output columns kept
+        gone = {i for name, _, indices in records if name == last_norm[-1] for i in indices}
+        width = masked.get_submodule(last_norm[-1]).weight.shape[0]
+        pruned.kept_output = torch.tensor([i for i in range(width) if i not in gone])  # type: ignore[assignment]
+    return pruned.eval(), masked.eval(), sorted(unmirrored)
+
+
+def run_torch_pruning(plan: Plan, seed: int) -> dict[str, Any]:
+    try:
+        import torch_pruning as tp
+    except ImportError as error:
+        message = f"torch_pruning not importable ({error}); install it with .venv/bin/pip install torch-pruning"
+        print(f"\n7. Torch-Pruning comparison: skipped: {message}")
+        return {"skipped": message}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    version = getattr(tp, "__version__", "?")
+    ignored = {"resnet": ["fc"], "bert": [], "gpt2": ["lm_head"]}
+    results: dict[str, dict[str, Any]] = {}
+    for name, ignore in ignored.items():
+        model = MODELS[name](plan, seed)
+        example, inputs = model_inputs(name, plan, 2), model_inputs(name, plan, TIMING_BATCH)
+        reference = outputs_of(model, inputs)
+        row: dict[str, Any] = {"parameters_before": parameter_count(model)}
+        calls: dict[str, Callable[[], object]] = {"dense": partial(model, **inputs)}
+        ours_masked = copy.deepcopy(model)
+        try:
+            ours, _ = prune_and_shrink(ours_masked, example)
+            row["ours"] = {"parameters": parameter_count(ours),
+                           "masked_vs_pruned": output_difference(outputs_of(ours_masked, inputs),
+                                                                 outputs_of(ours, inputs))}  # fmt: skip
+            calls["ours"] = partial(ours, **inputs)
+        except Exception as error:
+            row["ours"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        try:
+            pruned, masked, unmirrored = torch_pruning_one_shot(tp, model, example, ignore)
+            with torch.inference_mode():
+                output = outputs_of(pruned, inputs)
+            expected = outputs_of(masked, inputs)
+            kept = getattr(pruned, "kept_output", None)
+            if kept is not None and output.shape[-1] == len(kept):
+                expected = expected[..., kept]
+            row["torch_pruning"] = {
+                "parameters": parameter_count(pruned),
+                "output_shape": list(output.shape),
+                "dense_output_shape": list(reference.shape),
+                "masked_vs_pruned": output_difference(expected, output),
+                "unmirrored_modules": unmirrored,
+            }
+            calls["torch_pruning"] = partial(pruned, **inputs)
+        except Exception as error:
+            row["torch_pruning"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        seconds = time_interleaved(calls, plan.inference_rounds, plan.inference_iterations // 3 or 1)
+        for variant in ("ours", "torch_pruning"):
+            if variant in calls:
+                row[variant]["speedup"] = median(seconds["dense"]) / median(seconds[variant])
+        results[name] = row
+        progress(f"  {name} done")
+
+    def cells(row: dict[str, Any], variant: str) -> list[str]:
+        result = row[variant]
+        if "error" in result:
+            return ["failed", "-", "-"]
+        difference = result["masked_vs_pruned"]
+        match = "yes" if difference < 1e-4 else "no (shape)" if difference == float("inf") else "no"
+        return [str(result["parameters"]), f"{result['speedup']:.2f}x", f"{match} {difference:.1e}"]
+
+    print_table(
+        f"7. one-shot 50%: Torch-Pruning {version} MagnitudePruner (L1, pruning_ratio {CHANNEL_SPARSITY},"
+        f" ignored: final classifier) vs ours (analyze + group_masks + shrink_groups); CPU, 1 thread,"
+        f" batch {TIMING_BATCH}; 'matches masked': max |pruned - masked| / max |masked| < 1e-4",
+        ["model", "params dense", "TP params", "TP speed-up", "TP matches masked", "ours params", "ours speed-up",
+         "ours matches masked"],
+        [[name, row["parameters_before"], *cells(row, "torch_pruning"), *cells(row, "ours")]
+         for name, row in results.items()],
+    )  # fmt: skip
+    for name, row in results.items():
+        for variant in ("torch_pruning", "ours"):
+            if "error" in row[variant]:
+                print(f"{name}: {variant} failed: {row[variant]['error']}")
+        if (
+            "output_shape" in row["torch_pruning"]
+            and row["torch_pruning"]["output_shape"] != row["torch_pruning"]["dense_output_shape"]
+        ):
+            print(f"{name}: Torch-Pruning changed the output shape {row['torch_pruning']['dense_output_shape']} ->"
+                  f" {row['torch_pruning']['output_shape']} (compared on the output columns it kept)")  # fmt: skip
+    ours_exact = all(row["ours"].get("masked_vs_pruned", 1.0) < 1e-4 for row in results.values())
+    torch.set_num_threads(threads)
+    goals = report_goals(
+        Goal("ours: every shrunk model computes what its masked version does",
+             ", ".join(f"{n} {r['ours']['masked_vs_pruned']:.1e}" if "masked_vs_pruned" in r["ours"] else f"{n} failed"
+                       for n, r in results.items()),
+             ours_exact),
+    )  # fmt: skip
+    return {"torch_pruning_version": version, "models": results, "goals": goals}
+
+
+def file_bytes(save: Callable[[Path], object]) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "weights.pt"
+        save(path)
+        return path.stat().st_size
+
+
+def run_packed(plan: Plan, seed: int) -> dict[str, Any]:
+    """File sizes of a digits MLP's state_dict, magnitude-pruned (all Linear weights, global), as saved."""
+    from lightning_eff.pruning.masks import unstructured_masks
+    from lightning_eff.pruning.sparse_format import load_sparse, save_sparse
+    from lightning_eff.quantization import SCHEMES, convert
+    from lightning_eff.quantization.prepare import swap_in_fake_quantized
+
+    torch.manual_seed(seed)
+    base = DigitsMLP(hidden_sizes=[plan.packed_width, plan.packed_width]).net
+    rows, results = [], {}
+    for sparsity in (0.0, 0.5, 0.8, 0.9):
+        model = copy.deepcopy(base)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in linears}
+        apply_parameter_masks(model, unstructured_masks(weights, sparsity, "global"))
+        quantized = copy.deepcopy(model)
+        swap_in_fake_quantized(quantized, linears, SCHEMES["int8_weight_only"], 128)
+        quantized = convert(quantized)
+        entry: dict[str, Any] = {}
+        for kind, module in (("fp32", model), ("int8", quantized)):
+            state = module.state_dict()
+            dense = file_bytes(lambda path, state=state: torch.save(state, path))
+            packed = file_bytes(lambda path, state=state: save_sparse(state, path))
+            with tempfile.TemporaryDirectory() as folder:
+                restored = load_sparse(save_sparse(state, Path(folder) / "w.pt"))
+            exact = all(torch.equal(restored[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
+            entry[kind] = {"dense_bytes": dense, "packed_bytes": packed, "ratio": packed / dense, "round_trip": exact}
+        results[f"{sparsity:.0%}"] = entry
+        rows.append([f"{sparsity:.0%}", entry["fp32"]["dense_bytes"], entry["fp32"]["packed_bytes"],
+                     f"{entry['fp32']['ratio']:.3f}", entry["int8"]["dense_bytes"], entry["int8"]["packed_bytes"],
+                     f"{entry['int8']['ratio']:.3f}",
+                     "yes" if entry["fp32"]["round_trip"] and entry["int8"]["round_trip"] else "NO"])  # fmt: skip
+    parameters = parameter_count(base)
+    print_table(
+        f"8. packed files: digits MLP [{plan.packed_width}, {plan.packed_width}] ({parameters} parameters),"
+        " global magnitude pruning of the Linear weights; torch.save(state_dict) vs save_sparse; int8 ="
+        " int8_weight_only converted",
+        ["sparsity", "fp32 torch.save B", "fp32 packed B", "ratio", "int8 torch.save B", "int8 packed B", "ratio",
+         "exact round trip"],
+        rows,
+    )  # fmt: skip
+    goals = report_goals(
+        *[Goal(f"fp32 packed at {s} sparsity at most (1 - sparsity) + 1/32 + 0.02 of torch.save",
+               f"{results[s]['fp32']['ratio']:.3f}", results[s]["fp32"]["ratio"] <= 1 - int(s[:-1]) / 100 + 1 / 32
+               + 0.02) for s in ("50%", "80%", "90%")],
+        Goal("every packed file loads back exactly", "",
+             all(e[k]["round_trip"] for e in results.values() for k in ("fp32", "int8"))),
+    )  # fmt: skip
+    return {"parameters": parameters, "files": results, "goals": goals}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (under a minute)")
@@ -461,6 +937,9 @@ def main() -> None:
         "overhead": lambda: run_overhead(plan),
         "channels": lambda: run_channels(plan, seeds[0] if seeds else 0),
         "gpu": lambda: run_gpu(plan, seeds[0] if seeds else 0),
+        "structured": lambda: run_structured(plan, seeds[0] if seeds else 0),
+        "torch_pruning": lambda: run_torch_pruning(plan, seeds[0] if seeds else 0),
+        "packed": lambda: run_packed(plan, seeds[0] if seeds else 0),
     }
     run_parts({part: run for part, run in runs.items() if part in parts}, report, lambda: write_json(args.json, report))
     finish(report, args.json)
