@@ -2,7 +2,7 @@
 
 from lightning_eff.quantization.callback import QuantizationAwareTraining
 from lightning_eff.quantization.convert import QuantizedLinear, convert, load_quantized, save_quantized
-from lightning_eff.quantization.prepare import FakeQuantizedLinear, select_layers
+from lightning_eff.quantization.prepare import FakeQuantizedLinear, restore_float_modules, select_layers
 from lightning_eff.quantization.schemes import SCHEMES, QuantScheme
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "QuantizedLinear",
     "convert",
     "load_quantized",
+    "restore_float_modules",
     "save_quantized",
     "select_layers",
 ]

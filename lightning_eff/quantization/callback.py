@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.quantization.convert import convert, save_quantized, weight_bytes
 from lightning_eff.quantization.measure import evaluate_test_set, inference_seconds
-from lightning_eff.quantization.prepare import select_layers, set_fake_quantize, swap_in_fake_quantized
+from lightning_eff.quantization.prepare import LayerPlan, plan_layers, set_fake_quantize, swap_in_fake_quantized
 from lightning_eff.quantization.schemes import SCHEMES
 from lightning_eff.report import ReportSection, state_dict_bytes
 from lightning_eff.validation import check, check_bool, check_choice, check_globs, check_int
@@ -42,9 +42,10 @@ class QuantizationAwareTraining(L.Callback):
         group_size: input columns per weight scale for the int4 schemes; must divide every quantized layer's
             input width.
         start_step: optimizer step at which fake quantization starts (train in float before).
-        include: module-name globs of Linear layers to quantize; default: every Linear except the last one
-            registered, the output head, whose rounding costs the most accuracy for the fewest bytes. A string
-            is one glob.
+        include: module-name globs of Linear (or HF Conv1D) layers to quantize; default: every one except the
+            output head, whose rounding costs the most accuracy for the fewest bytes. The head is the layer whose
+            output is the model's output: found with one forward of ``example_input_array`` when the module has
+            one, else from the structure (`prepare.find_output_head`). A string is one glob.
         exclude: module-name globs to leave in float (a string is one glob).
         convert_on_fit_end: build `quantized_model` after fit.
         export_path: where rank 0 writes the converted model (`torch.export` format) after fit; load it with
@@ -85,6 +86,8 @@ class QuantizationAwareTraining(L.Callback):
         self.export_path = export_path
 
         self.layers: list[str] = []
+        self.head: str | None = None
+        self.skipped_layers: dict[str, str] = {}
         self.phase = FLOAT
         self.phase_changed_at: int | None = None
         self.quantized_model: nn.Module | None = None
@@ -98,13 +101,28 @@ class QuantizationAwareTraining(L.Callback):
 
     def check_model(self, model: nn.Module) -> list[str]:
         """The layers this run quantizes; a bad include/exclude/group_size raises `ConfigError`."""
-        return select_layers(model, self.scheme, self.group_size, self.include, self.exclude)
+        return self.plan(model).layers
+
+    def plan(self, model: nn.Module) -> LayerPlan:
+        """The layers this run quantizes, the output head, and what is skipped and why."""
+        return plan_layers(model, self.scheme, self.group_size, self.include, self.exclude, _example_of(model))
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if pl_module is self.quantized_model:
             return
-        self.layers = self.check_model(pl_module)
+        plan = self.plan(pl_module)
+        self.layers, self.head, self.skipped_layers = plan.layers, plan.head, plan.skipped
+        if plan.only_head:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: the output head {plan.head} is the only layer this scheme can quantize "
+                f"(skipped: {_reasons(plan.skipped)}); the converted model will barely be smaller"
+            )
+        for layer, embedding in plan.tied_to_float.items():
+            rank_zero_warn(
+                f"QuantizationAwareTraining: {layer} shares its weight with {embedding}, which stays float "
+                "(Embedding not supported yet): the converted model holds both, and they are no longer one tensor"
+            )
         self._float_bytes = state_dict_bytes(pl_module)
         swap_in_fake_quantized(pl_module, self.layers, self.scheme, self.group_size)
         set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
@@ -162,6 +180,12 @@ class QuantizationAwareTraining(L.Callback):
         if not self.convert_on_fit_end or not trainer.is_global_zero:
             return
         self.quantized_model = convert(pl_module)
+        after = state_dict_bytes(self.quantized_model)
+        if self._float_bytes and after >= self._float_bytes:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: the converted model holds {after} bytes of weights, not fewer than the "
+                f"float model's {self._float_bytes} (skipped: {_reasons(self.skipped_layers)})"
+            )
         if self.export_path is not None:
             if self._example is None:
                 raise RuntimeError("export_path needs one forward call of the model to trace; none was seen")
@@ -217,6 +241,8 @@ class QuantizationAwareTraining(L.Callback):
             "scheme": self.scheme.name,
             "group_size": self.scheme.weight_group_size(self.group_size),
             "quantized_layers": len(self.layers),
+            "output_head": self.head,
+            "skipped_layers": dict(self.skipped_layers),
             "fake_quant_from_step": self.phase_changed_at if self.phase == FAKE_QUANT else None,
             "weight_bytes_fp32": fp32,
             "weight_bytes_quantized": stored,
@@ -246,3 +272,23 @@ class QuantizationAwareTraining(L.Callback):
             rows = [{"metric": key, "fake_quantized": before_metrics[key], "converted": after_metrics.get(key)}
                     for key in before_metrics]  # fmt: skip
         return ReportSection(name="quantization", summary=summary, rows=rows)
+
+
+def _example_of(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The module's ``example_input_array`` as forward (args, kwargs), as Lightning calls it; None without one."""
+    example = getattr(model, "example_input_array", None) if isinstance(model, L.LightningModule) else None
+    if example is None:
+        return None
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, tuple):
+        return example, {}
+    return (example,), {}
+
+
+def _reasons(skipped: dict[str, str]) -> str:
+    """'3 layers: Conv2d not supported yet; 1 layer: ...', grouped by reason."""
+    counts: dict[str, int] = {}
+    for reason in skipped.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    return "; ".join(f"{n} x {reason}" for reason, n in counts.items()) or "nothing"

@@ -28,7 +28,12 @@ from torch import Tensor, nn
 
 from lightning_eff.checkpoints import atomic_path
 from lightning_eff.quantization.fake_quant import activation_integers, activation_qparams, quantize_weight
-from lightning_eff.quantization.prepare import FakeQuantizedLinear
+from lightning_eff.quantization.prepare import (
+    FAKE_QUANTIZED,
+    FakeQuantizedConv1D,
+    FakeQuantizedLinear,
+    keep_off_fused_paths,
+)
 from lightning_eff.quantization.schemes import SCHEMES, QuantScheme
 
 FORMAT = "lightning_eff.quantized/1"
@@ -57,7 +62,6 @@ class QuantizedLinear(nn.Module):
     qweight: Tensor
     scales: Tensor
     bias: Tensor | None
-    row_sums: Tensor | None
 
     def __init__(
         self, in_features: int, out_features: int, scheme: QuantScheme, group_size: int | None, bias: bool
@@ -72,23 +76,26 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, packed_width, dtype=dtype))
         self.register_buffer("scales", torch.ones(out_features, groups))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        # sum_k w_k per output row, for the zero-point correction of the integer matmul (4 bytes a row)
-        integer_matmul = scheme.activation_bits is not None and scheme.weight_bits == 8
-        self.register_buffer("row_sums", torch.zeros(out_features, dtype=torch.int32) if integer_matmul else None)
+        self.integer_matmul = scheme.activation_bits is not None and scheme.weight_bits == 8
         self._bf16_weight: Tensor | None = None  # eager-mode cache of the dequantized weight; never saved
+        # eager-mode cache of sum_k w_k per output row (the integer matmul's zero-point correction); derived from
+        # the integers, so never saved: 4 bytes a row would cost a 32-wide layer a tenth of its int8 size
+        self._row_sums: Tensor | None = None
 
     @classmethod
-    def from_fake_quantized(cls, layer: FakeQuantizedLinear) -> QuantizedLinear:
-        """Round `layer`'s float weight exactly as its fake quantizer does and store the integers."""
+    def from_fake_quantized(cls, layer: FakeQuantizedLinear | FakeQuantizedConv1D) -> QuantizedLinear:
+        """Round `layer`'s float weight exactly as its fake quantizer does and store the integers.
+
+        An HF Conv1D's [in, out] weight is transposed here, once: the result is an ordinary [out, in] layer.
+        """
         quantized = cls(layer.in_features, layer.out_features, layer.scheme, layer.group_size, layer.bias is not None)
-        integers, scales = quantize_weight(layer.weight, layer.scheme.weight_bits, layer.group_size)
+        weight = layer.linear_weight().detach().contiguous()
+        integers, scales = quantize_weight(weight, layer.scheme.weight_bits, layer.group_size)
         quantized.qweight = pack_int4(integers) if layer.scheme.weight_bits == 4 else integers
         quantized.scales = scales
-        if quantized.row_sums is not None:
-            quantized.row_sums = integers.sum(dim=1, dtype=torch.int32)
         if layer.bias is not None:
             quantized.bias = layer.bias.detach().clone()
-        return quantized.to(layer.weight.device)
+        return quantized.to(weight.device)
 
     def integer_weight(self) -> Tensor:
         """The weight's integers, int8 [out, in]."""
@@ -102,11 +109,11 @@ class QuantizedLinear(nn.Module):
         return grouped.reshape(self.out_features, self.in_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
-        self._bf16_weight = None  # moved or cast: rebuilt from the integers on the next call
+        self._bf16_weight = self._row_sums = None  # moved or cast: rebuilt from the integers on the next call
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._bf16_weight = None  # new integers are copied into the buffers in place
+        self._bf16_weight = self._row_sums = None  # new integers are copied into the buffers in place
         super()._load_from_state_dict(*args, **kwargs)
 
     def bf16_weight(self) -> Tensor:
@@ -119,8 +126,17 @@ class QuantizedLinear(nn.Module):
                 self._bf16_weight = self.dequantized_weight().to(torch.bfloat16)
         return self._bf16_weight
 
+    def row_sums(self) -> Tensor:
+        """sum_k w_k per output row, int32: cached in eager mode, recomputed inside export and compile."""
+        if torch.compiler.is_compiling():
+            return self.qweight.sum(dim=1, dtype=torch.int32)
+        if self._row_sums is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._row_sums = self.qweight.sum(dim=1, dtype=torch.int32)
+        return self._row_sums
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.row_sums is not None:
+        if self.integer_matmul:
             return self._integer_matmul(x)
         weight = self.bf16_weight()
         if self.scheme.activation_bits is None:
@@ -135,14 +151,14 @@ class QuantizedLinear(nn.Module):
 
     def _integer_matmul(self, x: Tensor) -> Tensor:
         """int8 per-token activations x int8 weights in int32, then one float rescale per output."""
-        assert self.scheme.activation_bits is not None and self.row_sums is not None
+        assert self.scheme.activation_bits is not None
         bits = self.scheme.activation_bits
         rows = x.reshape(-1, self.in_features).float()
         scale, zero_point = activation_qparams(rows, bits)
         integers = activation_integers(rows, scale, zero_point, bits).to(torch.int8)
         accumulated = torch._int_mm(integers, self.qweight.t())
         # sum_k (q_k - z) w_k = sum_k q_k w_k - z * sum_k w_k: the zero point costs one row sum, paid once.
-        centred = accumulated.float() - zero_point * self.row_sums.float()
+        centred = accumulated.float() - zero_point * self.row_sums().float()
         out = centred * scale * self.scales.reshape(1, -1)
         if self.bias is not None:
             out = out + self.bias
@@ -156,12 +172,22 @@ class QuantizedLinear(nn.Module):
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every `FakeQuantizedLinear` replaced by a `QuantizedLinear`, in eval mode."""
+    """A copy of `model` with every fake-quantized layer replaced by a `QuantizedLinear`, in eval mode.
+
+    `nn.TransformerEncoderLayer`s holding one stay off their fused fast path (`keep_off_fused_paths`), so the
+    copy runs in eval, under `no_grad` and under `inference_mode`.
+    """
     converted = copy.deepcopy(model).eval()
+    by_weight: dict[int, QuantizedLinear] = {}  # tied layers (one weight Parameter) are quantized once
     for name, module in list(converted.named_modules()):
-        if isinstance(module, FakeQuantizedLinear):
+        if isinstance(module, FAKE_QUANTIZED):
             parent_name, _, child = name.rpartition(".")
-            setattr(converted.get_submodule(parent_name), child, QuantizedLinear.from_fake_quantized(module))
+            layer = QuantizedLinear.from_fake_quantized(module)  # type: ignore[arg-type]
+            tied = by_weight.setdefault(id(module.weight), layer)
+            if tied is not layer and torch.equal(tied.qweight, layer.qweight):
+                layer.qweight, layer.scales = tied.qweight, tied.scales  # stay tied: the same integer tensors
+            setattr(converted.get_submodule(parent_name), child, layer)
+    keep_off_fused_paths(converted, (QuantizedLinear,))
     for parameter in converted.parameters():
         parameter.requires_grad_(False)
     return converted
@@ -172,14 +198,17 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of the quantized layers' weights as saved: integers, scales, row sums; the same weights in fp32).
+    """(bytes of the quantized layers' weights as saved: integers and scales; the same weights in fp32).
 
     Biases are not quantized (as in torchao) and count in the whole model's bytes, not here.
     """
     stored = fp32 = 0
+    seen: set[int] = set()  # tied layers share their integers: counted once, as they are saved
     for layer in quantized_layers(model).values():
-        parts = (layer.qweight, layer.scales, layer.row_sums)
-        stored += sum(t.numel() * t.element_size() for t in parts if t is not None)
+        if id(layer.qweight) in seen:
+            continue
+        seen.add(id(layer.qweight))
+        stored += sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales))
         fp32 += 4 * layer.in_features * layer.out_features
     return stored, fp32
 

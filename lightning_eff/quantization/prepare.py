@@ -1,7 +1,12 @@
-"""Which Linear layers a QAT run quantizes, and the fake-quantized Linear that replaces them for training."""
+"""Which Linear (and HF Conv1D) layers a QAT run quantizes, and the fake-quantized layers that replace them."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,7 +21,8 @@ class FakeQuantizedLinear(nn.Linear):
     It holds the original `weight` and `bias` Parameters (same objects, same names), so optimizers, pruning
     masks and checkpoints see an ordinary Linear. With `fake_quantize` False it is exactly the float layer:
     the callback trains in float until `start_step`. Scales come from each batch and each weight as it is,
-    so there are no observers to freeze in eval.
+    so there are no observers to freeze in eval. `restore_float_modules(model)` is the way back to plain
+    `nn.Linear` layers holding the same Parameters (channel shrinking does it on its own).
     """
 
     def __init__(
@@ -35,6 +41,10 @@ class FakeQuantizedLinear(nn.Linear):
         layer.train(linear.training)
         return layer
 
+    def linear_weight(self) -> Tensor:
+        """The weight, [out, in]."""
+        return self.weight
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.fake_quantize:
             return F.linear(x, self.weight, self.bias)
@@ -47,9 +57,218 @@ class FakeQuantizedLinear(nn.Linear):
         return f"{super().extra_repr()}, scheme={self.scheme.name}, group_size={self.group_size}"
 
 
+class FakeQuantizedConv1D(nn.Module):
+    """Hugging Face's `Conv1D` (``y = x @ W + b``, W stored [in, out], as in GPT-2) with a fake-quantized forward.
+
+    The numerics are those of a `FakeQuantizedLinear` with weight ``W.T``: one scale per output channel, or per
+    group of `group_size` input columns. It holds the original Parameters (same objects, same names, same
+    [in, out] layout), so optimizers and checkpoints see the usual Conv1D; conversion transposes once.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, scheme: QuantScheme, group_size: int) -> None:
+        super().__init__()
+        self.nx, self.nf = int(weight.shape[0]), int(weight.shape[1])
+        self.weight = weight
+        self.bias = bias
+        self.scheme = scheme
+        self.group_size = scheme.weight_group_size(group_size)
+        self.fake_quantize = True
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, scheme: QuantScheme, group_size: int) -> FakeQuantizedConv1D:
+        layer = cls(conv.weight, conv.bias, scheme, group_size)  # type: ignore[arg-type]
+        layer.train(conv.training)
+        return layer
+
+    def linear_weight(self) -> Tensor:
+        """The weight as a Linear holds it, [out, in] (a view of the [in, out] Parameter)."""
+        return self.weight.t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.linear_weight()
+        if self.fake_quantize:
+            if self.scheme.activation_bits is not None:
+                x = fake_quantize_activation(x, self.scheme.activation_bits)
+            weight = fake_quantize_weight(weight, self.scheme.weight_bits, self.group_size)
+        return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"nx={self.nx}, nf={self.nf}, scheme={self.scheme.name}, group_size={self.group_size}"
+
+
+FAKE_QUANTIZED: tuple[type[nn.Module], ...] = (FakeQuantizedLinear, FakeQuantizedConv1D)
+"""The fake-quantized layer kinds `swap_in_fake_quantized` creates and `convert` turns into `QuantizedLinear`."""
+
+
+def _hf_conv1d() -> type | None:
+    """transformers' `Conv1D` when transformers is already imported (a model holding one imported it), else None."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _hf_conv1d()
+    return conv1d is not None and type(module) is conv1d
+
+
 def _quantizable(module: nn.Module) -> bool:
-    # Exactly nn.Linear: subclasses such as MultiheadAttention's out_proj are read by their owner, not called.
-    return type(module) is nn.Linear or isinstance(module, FakeQuantizedLinear)
+    # Exactly nn.Linear (or HF Conv1D): subclasses such as MultiheadAttention's out_proj are read by their owner,
+    # not called.
+    return type(module) is nn.Linear or isinstance(module, FAKE_QUANTIZED) or _is_conv1d(module)
+
+
+def _in_features(module: nn.Module) -> int:
+    if _is_conv1d(module) or isinstance(module, FakeQuantizedConv1D):
+        return int(module.get_parameter("weight").shape[0])
+    return int(module.get_parameter("weight").shape[1])
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """Every tensor in a (nested) model output: tensors, tuples, lists, dicts and HF ModelOutputs."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def find_output_head(model: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]] | None = None) -> str | None:
+    """The quantizable layer whose output is the model's output (the logits), or None if no layer's is.
+
+    With `example` (forward args and kwargs): one forward in eval mode without gradients, with forward hooks
+    on the quantizable layers; the head is the last one called whose output is, or shares memory with, a tensor
+    of the model's output. Nothing changes in the model (modes and the RNG are restored). Without `example`,
+    from the structure: a quantizable layer whose weight is an `nn.Embedding`'s (a tied head), else the last
+    module with parameters of its own when that is a quantizable layer (a final LayerNorm, as in BERT's
+    encoder, means no head).
+    """
+    layers = {name: module for name, module in model.named_modules() if name and _quantizable(module)}
+    if not layers:
+        return None
+    if example is not None:
+        found = _head_by_forward(model, layers, example)
+        if found is not _UNKNOWN:
+            return found  # type: ignore[return-value]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tied = [name for name, module in layers.items() if id(module.get_parameter("weight")) in embeddings]
+    if tied:
+        return tied[-1]
+    owners = [name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+    return owners[-1] if owners and owners[-1] in layers else None
+
+
+_UNKNOWN = object()
+
+
+def _head_by_forward(
+    model: nn.Module, layers: dict[str, nn.Module], example: tuple[tuple[Any, ...], dict[str, Any]]
+) -> object:
+    produced: list[tuple[str, Tensor]] = []
+    handles = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: produced.extend((name, t) for t in _tensors(out)))
+        for name, module in layers.items()
+    ]
+    modes = {module: module.training for module in model.modules()}
+    args, kwargs = example
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            output = model(*args, **kwargs)
+    except Exception:  # an example the model cannot run: fall back to the structure
+        return _UNKNOWN
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    outputs = _tensors(output)
+    storages = {t.untyped_storage().data_ptr() for t in outputs if t.numel()}
+    for name, tensor in reversed(produced):
+        if any(tensor is t for t in outputs) or (tensor.numel() and tensor.untyped_storage().data_ptr() in storages):
+            return name
+    return None
+
+
+@dataclass
+class LayerPlan:
+    """What a QAT run quantizes (`layers`), which layer is the output head, and what it skips and why."""
+
+    layers: list[str]
+    head: str | None
+    skipped: dict[str, str] = field(default_factory=dict)
+    only_head: bool = False
+    tied_to_float: dict[str, str] = field(default_factory=dict)
+    """Selected layers whose weight is also an `nn.Embedding`'s (which stays float): layer -> embedding."""
+
+
+def _unsupported(model: nn.Module) -> dict[str, str]:
+    reasons: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)):
+            reasons[name] = f"{type(module).__name__} not supported yet"
+        elif isinstance(module, nn.MultiheadAttention):
+            reasons[f"{name}.in_proj_weight" if name else "in_proj_weight"] = (
+                "MultiheadAttention's packed in_proj_weight is read by F.multi_head_attention_forward, not a layer"
+            )
+            reasons[f"{name}.out_proj" if name else "out_proj"] = (
+                "MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward); not called"
+            )
+    return reasons
+
+
+def plan_layers(
+    model: nn.Module,
+    scheme: QuantScheme,
+    group_size: int,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    example: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+) -> LayerPlan:
+    """`select_layers` with its reasons: the head (`find_output_head`) and every skipped layer."""
+    linears = [name for name, module in model.named_modules() if name and _quantizable(module)]
+    if not linears:
+        raise ConfigError("include", include, "the model has no nn.Linear (or HF Conv1D) layer to quantize")
+    head = find_output_head(model, example)
+    skipped = _unsupported(model)
+    only_head = False
+    if include:
+        chosen = match_globs(linears, include, "include", "Linear layer")
+    else:
+        chosen = set(linears) - {head}
+        if head is not None:
+            skipped[head] = "output head (excluded by default: rounding the logits costs the most accuracy)"
+        if not chosen:  # the head is the only Linear (a CNN): quantize it rather than nothing, and say so
+            chosen, only_head = set(linears), True
+            skipped.pop(head or "", None)
+    if exclude:
+        excluded = match_globs(linears, exclude, "exclude", "Linear layer")
+        for name in excluded & chosen:
+            skipped[name] = "excluded"
+        chosen -= excluded
+    if not chosen:
+        raise ConfigError("exclude", exclude, f"leaves no layer to quantize; layers: {', '.join(linears)}")
+    selected = [name for name in linears if name in chosen]
+    if scheme.grouped:
+        for name in selected:
+            width = _in_features(model.get_submodule(name))
+            if width % group_size:
+                raise ConfigError("group_size", group_size,
+                                  f"must divide the input width of every quantized layer; {name} has {width} "
+                                  f"(exclude it, or pick a divisor of {width})")  # fmt: skip
+    embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    weights = {name: id(model.get_submodule(name).get_parameter("weight")) for name in selected}
+    tied = {name: embeddings[weight] for name, weight in weights.items() if weight in embeddings}
+    return LayerPlan(selected, head, skipped, only_head=only_head, tied_to_float=tied)
 
 
 def select_layers(
@@ -58,46 +277,97 @@ def select_layers(
     group_size: int,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    example: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> list[str]:
-    """The qualified names of the Linear layers to quantize.
+    """The qualified names of the Linear (and HF Conv1D) layers to quantize.
 
-    By default every Linear but the last one registered, which is the output head in the usual model
-    layout: the logits are where rounding costs the most accuracy for the fewest bytes. `include` selects
-    layers explicitly (then nothing is excluded by default); `exclude` removes layers. For grouped schemes
-    every selected layer's input width must be a multiple of `group_size`.
+    By default every one but the output head (`find_output_head`: the layer whose output is the model's
+    output, found by one forward on `example` when given, else from the structure): the logits are where
+    rounding costs the most accuracy for the fewest bytes. A model whose only Linear is the head (a CNN)
+    quantizes the head. `include` selects layers explicitly (then nothing is excluded by default); `exclude`
+    removes layers. For grouped schemes every selected layer's input width must be a multiple of `group_size`.
     """
-    linears = [name for name, module in model.named_modules() if name and _quantizable(module)]
-    if not linears:
-        raise ConfigError("include", include, "the model has no nn.Linear layer to quantize")
-    chosen = match_globs(linears, include, "include", "Linear layer") if include else set(linears[:-1] or linears)
-    if exclude:
-        chosen -= match_globs(linears, exclude, "exclude", "Linear layer")
-    if not chosen:
-        raise ConfigError("exclude", exclude, f"leaves no layer to quantize; layers: {', '.join(linears)}")
-    selected = [name for name in linears if name in chosen]
-    if scheme.grouped:
-        for name in selected:
-            width = int(model.get_submodule(name).get_parameter("weight").shape[1])
-            if width % group_size:
-                raise ConfigError("group_size", group_size,
-                                  f"must divide the input width of every quantized layer; {name} has {width} "
-                                  f"(exclude it, or pick a divisor of {width})")  # fmt: skip
-    return selected
+    return plan_layers(model, scheme, group_size, include, exclude, example).layers
 
 
 def swap_in_fake_quantized(model: nn.Module, names: list[str], scheme: QuantScheme, group_size: int) -> None:
-    """Replace each named Linear by a `FakeQuantizedLinear` holding the same Parameters (idempotent)."""
+    """Replace each named Linear (or HF Conv1D) by its fake-quantized twin holding the same Parameters (idempotent).
+
+    `nn.TransformerEncoderLayer`s holding a swapped layer are kept off their fused inference fast path (which
+    reads ``linear1.weight`` and friends directly and would run the float weights): see `keep_off_fused_paths`.
+    """
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, FakeQuantizedLinear):
+        if isinstance(layer, FAKE_QUANTIZED):
             continue
         parent_name, _, child = name.rpartition(".")
-        assert isinstance(layer, nn.Linear)
-        setattr(model.get_submodule(parent_name), child, FakeQuantizedLinear.from_linear(layer, scheme, group_size))
+        swapped: nn.Module
+        if isinstance(layer, nn.Linear):
+            swapped = FakeQuantizedLinear.from_linear(layer, scheme, group_size)
+        else:
+            assert _is_conv1d(layer), f"{name} is a {type(layer).__name__}"
+            swapped = FakeQuantizedConv1D.from_conv1d(layer, scheme, group_size)
+        setattr(model.get_submodule(parent_name), child, swapped)
+    keep_off_fused_paths(model, FAKE_QUANTIZED)
+
+
+def _no_op_pre_hook(module: nn.Module, args: Any) -> None:
+    return None
+
+
+def keep_off_fused_paths(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> None:
+    """Make every `nn.TransformerEncoderLayer`/`nn.TransformerEncoder` holding a layer of `kinds` run its Python path.
+
+    In eval with gradients off they otherwise take a fused kernel that reads ``linear1.weight`` etc. directly:
+    validation would measure the float model and a converted one would fail. The lever is the one PyTorch
+    documents in its fast-path conditions: a layer with forward hooks attached is never fused, so each such
+    layer gets a no-op forward pre-hook (once; it survives deepcopy); encoders get ``use_nested_tensor = False``.
+    """
+    for module in model.modules():
+        if not any(isinstance(m, kinds) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            if _no_op_pre_hook not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_no_op_pre_hook)
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
 
 
 def set_fake_quantize(model: nn.Module, enabled: bool) -> None:
-    """Switch every `FakeQuantizedLinear` in `model` between float and fake-quantized forward."""
+    """Switch every fake-quantized layer in `model` between float and fake-quantized forward."""
     for module in model.modules():
-        if isinstance(module, FakeQuantizedLinear):
-            module.fake_quantize = enabled
+        if isinstance(module, FAKE_QUANTIZED):
+            module.fake_quantize = enabled  # type: ignore[assignment]
+
+
+def restore_float_modules(model: nn.Module) -> nn.Module:
+    """Undo `swap_in_fake_quantized`: every fake-quantized layer becomes its float layer again.
+
+    The way back from QAT to a float model (for `pruning.export.shrink`, `torch.export`, or more float
+    training): a `FakeQuantizedLinear` becomes an `nn.Linear`, a `FakeQuantizedConv1D` Hugging Face's `Conv1D`,
+    each holding the same `weight` and `bias` Parameters (same objects, same names), so optimizers, masks and
+    checkpoints are unaffected. Changes `model` in place and returns it (or the new layer when `model` itself
+    is fake-quantized).
+    """
+
+    def plain(layer: nn.Module) -> nn.Module:
+        restored: nn.Module
+        if isinstance(layer, FakeQuantizedConv1D):
+            conv1d = _hf_conv1d()
+            assert conv1d is not None  # a FakeQuantizedConv1D was made from one
+            restored = conv1d(layer.nf, layer.nx)
+        else:
+            assert isinstance(layer, FakeQuantizedLinear)
+            restored = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        restored.weight = layer.weight
+        restored.bias = layer.bias  # type: ignore[assignment]
+        restored.train(layer.training)
+        return restored
+
+    if isinstance(model, FAKE_QUANTIZED):
+        return plain(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FAKE_QUANTIZED):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, plain(module))
+    return model

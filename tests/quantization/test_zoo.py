@@ -1,0 +1,239 @@
+"""QuantizationAwareTraining on the models people train (tests/zoo): layer kinds, the output head, fast paths.
+
+Every zoo model is trained for a few steps with each scheme and converted: the quantized layers shrink as the
+scheme promises, the converted model agrees with the fake-quantized one and runs in eval, under `no_grad` and
+under `inference_mode`, and the report says what was skipped (convolutions and embeddings, for now).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_eff.quantization import QuantizationAwareTraining, QuantizedLinear
+from lightning_eff.quantization.convert import convert, weight_bytes
+from lightning_eff.quantization.prepare import (
+    FakeQuantizedConv1D,
+    FakeQuantizedLinear,
+    find_output_head,
+    plan_layers,
+    set_fake_quantize,
+    swap_in_fake_quantized,
+)
+from lightning_eff.quantization.schemes import SCHEMES
+from tests.zoo.models import ZOO, ZOO_BY_NAME, ZooBatches, ZooTask, build, logits_of
+
+QUIET: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                         "enable_model_summary": False, "enable_checkpointing": False}  # fmt: skip
+GROUP = 32  # divides every zoo layer's input width; 16 would put int4's scales over 1/6 of fp32 at width 32
+SIZE_BOUND = {4: 1 / 6, 8: 1 / 3.5}
+
+# per zoo model: the output head, how many layers are quantized, and module kinds the report must skip
+EXPECTED: dict[str, tuple[str | None, int, tuple[str, ...]]] = {
+    "gpt2": ("lm_head", 8, ("Embedding",)),
+    "bert": (None, 12, ("Embedding",)),
+    "bert_mlm": ("cls.predictions.decoder", 13, ("Embedding",)),
+    "llama_tied": ("lm_head", 14, ("Embedding",)),
+    "llama": ("lm_head", 14, ("Embedding",)),
+    "resnet": ("fc", 1, ("Conv2d",)),  # the head is all there is to quantize: it is, with a warning
+    "vit": ("head", 8, ("Conv2d",)),
+    "transformer_encoder": ("head", 4, ("Embedding", "out_proj", "in_proj_weight")),
+    "depthwise_cnn": ("classifier", 1, ("Conv2d",)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a busy 2-core machine: one intra-op thread is much faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def example(name: str, seed: int = 0, batch: int = 4) -> dict[str, Tensor]:
+    return ZOO_BY_NAME[name].batch(seed, batch)[0]  # type: ignore[call-arg]  # the builders take a batch size
+
+
+def fit(name: str, scheme: str, steps: int = 4) -> tuple[ZooTask, QuantizationAwareTraining, list[str]]:
+    L.seed_everything(0, verbose=False)
+    task = ZooTask(name)
+    task.example_input_array = example(name)  # the head is found with one forward of it
+    callback = QuantizationAwareTraining(scheme, group_size=GROUP)
+    trainer = L.Trainer(callbacks=[callback], max_steps=steps, **QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(task, DataLoader(ZooBatches(name, count=steps), batch_size=None))
+    return task, callback, [str(w.message) for w in caught if "QuantizationAwareTraining" in str(w.message)]
+
+
+def outputs(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    return logits_of(model(**inputs)).float()
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=lambda entry: entry.name)
+def test_the_head_is_the_layer_that_produces_the_output_with_or_without_an_example(entry: Any) -> None:
+    model = build(entry.name)
+    rng = torch.random.get_rng_state()
+    assert find_output_head(model, ((), example(entry.name))) == EXPECTED[entry.name][0]
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the probing forward leaves the RNG alone
+    assert find_output_head(model) == EXPECTED[entry.name][0]  # from the structure alone
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("entry", ZOO, ids=lambda entry: entry.name)
+def test_every_zoo_model_trains_fake_quantized_and_converts(entry: Any, scheme: str) -> None:
+    name = entry.name
+    head, count, skipped_kinds = EXPECTED[name]
+    task, callback, warned = fit(name, scheme)
+    fake_layers = [m for m in task.model.modules() if isinstance(m, (FakeQuantizedLinear, FakeQuantizedConv1D))]
+    assert len(callback.layers) == len(fake_layers) == count
+    assert callback.head == (None if head is None else f"model.{head}")  # ZooTask holds the zoo model as .model
+    head = callback.head
+    if name == "gpt2":
+        assert all(isinstance(m, FakeQuantizedConv1D) for m in fake_layers)
+    if count == 1:  # the head alone: said loudly at setup
+        assert callback.layers == [head] and any("only layer" in w for w in warned)
+    elif head is not None:
+        assert head not in callback.layers and "output head" in callback.skipped_layers[head]
+    reasons = " ".join(f"{layer}: {why}" for layer, why in callback.skipped_layers.items())
+    assert all(kind in reasons for kind in skipped_kinds), reasons
+
+    converted = callback.quantized_model
+    assert isinstance(converted, ZooTask)
+    layers = [m for m in converted.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == count
+    stored, fp32 = weight_bytes(converted)
+    assert stored <= SIZE_BOUND[SCHEMES[scheme].weight_bits] * fp32
+    for first, second in entry.tied:  # a tied head excluded by default stays float and tied
+        if head == f"model.{first.rpartition('.')[0]}":
+            assert converted.model.get_parameter(first) is converted.model.get_parameter(second)
+
+    inputs = example(name, seed=5, batch=32 if entry.kind != "classifier" else 256)  # >= 256 positions
+    fake = task.model.eval()
+    with torch.no_grad():
+        expected = outputs(fake, inputs)
+        got = outputs(converted.model, inputs)
+    same = got.argmax(-1) == expected.argmax(-1)
+    # >= 99% of positions agree; where a tiny random model's top two logits are closer than the conversion's own
+    # error on that row (weight-only schemes multiply in bf16), a flip is a tie broken otherwise, not a failure
+    top2 = expected.topk(2, dim=-1).values
+    near_tie = (top2[..., 0] - top2[..., 1]) <= 2 * (got - expected).abs().amax(dim=-1)
+    assert same.float().mean() >= 0.99 or bool((same | near_tie).all()), same.float().mean()
+    assert (same | near_tie).float().mean() >= 0.99
+    assert (got - expected).norm() <= 0.02 * expected.norm()
+    with torch.inference_mode():
+        assert torch.allclose(outputs(converted.model, inputs), got, atol=1e-5)
+    assert torch.allclose(outputs(converted.model, inputs), got, atol=1e-5)  # eval, grad mode on
+
+    section = callback.report_section(task.trainer, Path("unused"))
+    assert section is not None and section.summary["skipped_layers"] == callback.skipped_layers
+
+
+def test_transformer_encoder_validation_in_eval_measures_the_fake_quantized_model() -> None:
+    model = build("transformer_encoder")
+    plan = plan_layers(model, SCHEMES["int4_weight_only"], GROUP)
+    swap_in_fake_quantized(model, plan.layers, SCHEMES["int4_weight_only"], GROUP)
+    inputs = example("transformer_encoder")
+    float_model = copy.deepcopy(model)
+    set_fake_quantize(float_model, False)
+    with torch.no_grad():  # eval + no_grad: where nn.TransformerEncoderLayer would take its fused fast path
+        fake, plain = outputs(model.eval(), inputs), outputs(float_model.eval(), inputs)
+    assert not torch.allclose(fake, plain, atol=1e-4)
+    assert torch.allclose(fake, outputs(model, inputs).detach(), atol=1e-6)  # the same as with grad on
+    converted = convert(model)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.allclose(outputs(converted, inputs), fake, rtol=0.02, atol=0.02)
+
+
+def test_hf_conv1d_fake_quantizes_and_converts_as_a_linear_with_the_transposed_weight() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv, x = Conv1D(48, 64), torch.randn(3, 5, 64)  # nf=48 outputs, nx=64 inputs: weight [64, 48]
+    for scheme in SCHEMES.values():
+        holder = nn.Sequential(conv)
+        swap_in_fake_quantized(holder, ["0"], scheme, GROUP)
+        fake = holder[0]
+        assert isinstance(fake, FakeQuantizedConv1D) and fake.weight is conv.weight and fake.bias is conv.bias
+        linear = nn.Linear(64, 48)
+        linear.weight, linear.bias = nn.Parameter(conv.weight.detach().t().clone()), conv.bias
+        twin = FakeQuantizedLinear.from_linear(linear, scheme, GROUP)
+        assert torch.equal(fake(x), twin(x))  # per output channel / per group along the input dim, bit for bit
+        assert torch.equal(convert(holder).get_submodule("0")(x), convert(nn.Sequential(twin)).get_submodule("0")(x))
+        fake.fake_quantize = False
+        assert torch.allclose(fake(x), conv(x), atol=1e-6)  # float until start_step: the Conv1D itself
+
+
+def test_an_included_gpt2_head_is_quantized_and_the_plan_names_the_embedding_tie_it_breaks() -> None:
+    model = build("gpt2")
+    scheme = SCHEMES["int8_weight_only"]
+    plan = plan_layers(model, scheme, GROUP, include=["*"])
+    assert "lm_head" in plan.layers and plan.tied_to_float == {"lm_head": "transformer.wte"}
+    swap_in_fake_quantized(model, plan.layers, scheme, GROUP)
+    converted = convert(model)
+    assert isinstance(converted.get_submodule("lm_head"), QuantizedLinear)
+    assert type(converted.get_submodule("transformer.wte")) is nn.Embedding  # embeddings are not quantized yet
+
+
+def test_two_layers_sharing_one_weight_are_quantized_once_and_stay_tied() -> None:
+    shared = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    shared[2].weight = shared[0].weight
+    scheme = SCHEMES["int4_weight_only"]
+    swap_in_fake_quantized(shared, ["0", "2"], scheme, GROUP)
+    converted = convert(shared)
+    first, second = converted.get_submodule("0"), converted.get_submodule("2")
+    assert isinstance(first, QuantizedLinear) and isinstance(second, QuantizedLinear)
+    assert first.qweight is second.qweight and first.scales is second.scales
+    stored, fp32 = weight_bytes(converted)
+    assert (stored, fp32) == (32 * 16 + 4 * 32, 4 * 32 * 32)  # counted once, as saved
+
+
+def test_a_converted_transformer_encoder_exports_and_loads(tmp_path: Path) -> None:
+    from lightning_eff.quantization import load_quantized, save_quantized
+
+    model = build("transformer_encoder")
+    scheme = SCHEMES["int8_dynamic"]
+    swap_in_fake_quantized(model, plan_layers(model, scheme, GROUP).layers, scheme, GROUP)
+    converted = convert(model)
+    tokens = example("transformer_encoder")["input_ids"]
+    loaded = load_quantized(save_quantized(converted, tmp_path / "encoder.pt2", (tokens,)))
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens), converted(tokens), atol=1e-5)
+
+
+class EncoderWithValidation(ZooTask):
+    def __init__(self) -> None:
+        super().__init__("transformer_encoder")
+        self.seen: list[Tensor] = []
+
+    def validation_step(self, batch: tuple[dict[str, Tensor], Tensor], batch_idx: int) -> None:
+        self.seen.append(outputs(self.model, batch[0]))
+
+
+def test_trainer_validation_of_a_transformer_encoder_measures_the_fake_quantized_model() -> None:
+    L.seed_everything(0, verbose=False)
+    task = EncoderWithValidation()
+    loader = DataLoader(ZooBatches("transformer_encoder", count=2), batch_size=None)
+    trainer = L.Trainer(callbacks=[QuantizationAwareTraining("int8_dynamic")], max_steps=2, limit_val_batches=1,
+                        **QUIET)  # fmt: skip
+    trainer.fit(task, loader, loader)
+    assert len(task.seen) >= 1  # validation ran in eval under no_grad: where the fused path would be taken
+    inputs = ZooBatches("transformer_encoder")[0][0]
+    float_model = copy.deepcopy(task.model).eval()
+    set_fake_quantize(float_model, False)
+    with torch.no_grad():
+        plain = outputs(float_model, inputs)
+    fake = outputs(task.model.train(), inputs).detach()  # grad on, training: never the fused path
+    assert not torch.allclose(task.seen[-1], plain, atol=1e-4)
+    assert torch.allclose(task.seen[-1], fake, atol=1e-6)
