@@ -64,7 +64,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_eff.pruning import GradualPruning, shrink
+from lightning_eff.pruning import GradualPruning
 from lightning_eff.pruning.masks import zero_fraction
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
 
@@ -376,7 +376,8 @@ def run_channels(plan: Plan, seed: int) -> dict[str, Any]:
     )
     fit(model, data, [pruner], max_epochs=plan.channels_epochs)
     model.eval()
-    shrunk = shrink(model).eval()
+    shrunk, _ = pruner.shrink(model)
+    shrunk.eval()
     models = {"masked": model, "shrunk": shrunk}
     test_accuracy = {name: 100 * evaluate(m, data.test_dataloader(), accuracy) for name, m in models.items()}
     assert data.test_set is not None

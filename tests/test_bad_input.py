@@ -73,7 +73,7 @@ PYTHON_API: list[tuple[Callable[..., object], dict[str, Any], str]] = [
     (
         prune_mlp,
         {"granularity": "channels", "exclude": ["net.1", "net.4"]},
-        f"exclude=[net.1,net.4]: leaves no layer to prune; {MLP_LAYERS}",
+        "exclude=[net.1,net.4]: leaves no channel group to prune (",
     ),
     (prune_mlp, {"include": "*query"}, f"include=*query: matches no prunable layer; {MLP_LAYERS}"),
     # QuantizationAwareTraining

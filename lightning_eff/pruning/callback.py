@@ -12,9 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_eff.distributed import destroy_process_group_at_exit
+from lightning_eff.pruning.export import shrink_with_groups
+from lightning_eff.pruning.group_plan import GroupPlan, InputCapture, check_selection, discover
+from lightning_eff.pruning.layers import prunable_kind
 from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, MaskApplier, Masks, compute_masks, parse_pattern
-from lightning_eff.pruning.plot import plot_pruning
+from lightning_eff.pruning.report import pruning_section
 from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
+from lightning_eff.pruning.structured_shrink import LayerShrink, ShrinkError
 from lightning_eff.pruning.targets import PruningTarget, select
 from lightning_eff.report import ReportSection
 from lightning_eff.validation import (
@@ -25,6 +29,7 @@ from lightning_eff.validation import (
     check_globs,
     check_int,
     check_number,
+    match_globs,
 )
 
 
@@ -61,13 +66,16 @@ class GradualPruning(L.Callback):
         end_step: step at which `target_sparsity` is reached; None for 75% of the run's optimizer steps.
         update_every: steps between mask updates.
         schedule: ``cubic`` (Zhu & Gupta), ``linear``, ``exponential`` or ``one_shot``.
-        granularity: ``unstructured``, ``channels`` (whole output rows/filters, which `export.shrink` can
-            remove) or ``n:m`` (with `pattern`, e.g. ``"2:4"``: at least N zeros in every M input weights).
+        granularity: ``unstructured``, ``n:m`` (with `pattern`, e.g. ``"2:4"``: N zeros in every M input weights)
+            or ``channels``: the coupled channel groups of the model's graph (`group_plan`), every member masked
+            so `shrink` is exact; sparsity is the share of each group's units pruned (global scope: ranked across
+            groups after dividing each group's scores by their mean).
         pattern: the N:M pattern for ``n:m``; `target_sparsity` must then be at least N/M.
         scope: ``global`` (one threshold over all targeted weights) or ``layer`` (each tensor reaches the
             schedule's sparsity).
         include: module-name globs of layers to prune (default: all Linear/Conv, see `select_targets`); a
-            string is one glob.
+            string is one glob. For ``channels`` a group is selected when one of its producer layers matches
+            and none matches `exclude`.
         exclude: module-name globs of layers to leave dense, e.g. ``["head"]``; a string is one glob.
         make_permanent: at the end of fit, stop masking (the zeros stay in the weights, so the model is a
             plain model); the callback keeps the masks, and a later fit with it applies them again. With
@@ -147,10 +155,13 @@ class GradualPruning(L.Callback):
         self._planned_steps: int | None = None
         self._restored = False
         self._model: weakref.ref[L.LightningModule] | None = None
+        self.plan: GroupPlan | None = None  # granularity="channels": the groups, found at the first training step
+        self._capture: InputCapture | None = None
+        self.shrink_summary: dict[str, LayerShrink] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # A weak reference does not pickle (ddp_spawn pickles the trainer's callbacks); a copy forgets the model.
-        return {**self.__dict__, "_model": None}
+        return {**self.__dict__, "_model": None, "_capture": None}
 
     # --- what a user reads ---------------------------------------------------------------------------
 
@@ -187,6 +198,14 @@ class GradualPruning(L.Callback):
 
     def check_model(self, model: torch.nn.Module) -> list[PruningTarget]:
         """Resolve include/exclude against `model`; a pattern that matches nothing raises `ConfigError`."""
+        if self.granularity == "channels":  # groups come from the graph, traced at the first training step
+            layers = [name for name, module in model.named_modules() if prunable_kind(module) is not None]
+            for key, patterns in (("include", self.include), ("exclude", self.exclude)):
+                if patterns:
+                    match_globs(layers, patterns, key, "prunable layer")
+            if isinstance(model, L.LightningModule):
+                check_selection(model, self.include, self.exclude)  # now, where example_input_array allows
+            return []
         group_size = self.pattern[1] if self.pattern else None
         selection = select(model, self.granularity, self.include, self.exclude, group_size)
         self.left_dense = selection.left_dense
@@ -208,7 +227,9 @@ class GradualPruning(L.Callback):
 
     def _target_parameters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         # remove_duplicate=False: a tied weight's canonical name may be one that named_parameters() would drop
-        parameters = dict(pl_module.named_parameters(remove_duplicate=False))
+        parameters: dict[str, torch.Tensor] = dict(pl_module.named_parameters(remove_duplicate=False))
+        if self.granularity == "channels":
+            return parameters
         names = [name for t in self.targets for name in (t.weight, *t.coupled)]
         return {name: parameters[name] for name in names}
 
@@ -223,6 +244,8 @@ class GradualPruning(L.Callback):
         device = next(iter(self._parameters.values())).device
         self._set_masks({name: mask.to(device) for name, mask in self.masks.items()})
         self._apply()  # a resumed or continued run goes on with the masks it has
+        if self.granularity == "channels" and self.plan is None:
+            self._capture = InputCapture(pl_module)
         self._update(trainer)
 
     def _start_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -233,7 +256,7 @@ class GradualPruning(L.Callback):
             self._restored = False
             return
         self._run_start = trainer.global_step
-        if self.masks and same_model and set(self.masks) == set(self._parameters):
+        if self.masks and same_model and (set(self.masks) == set(self._parameters) or self.plan is not None):
             self._carried = self._mask_sparsity
             rank_zero_info(
                 f"GradualPruning: continuing from sparsity {self._carried:.4g} with the previous fit's masks; "
@@ -243,6 +266,7 @@ class GradualPruning(L.Callback):
         if self.masks:
             rank_zero_info("GradualPruning: another model (or other targets) than the previous fit's: starting over")
         self.masks, self._mask_sparsity, self._carried, self.history = {}, 0.0, 0.0, []
+        self.plan = None
 
     def _build_schedule(self, trainer: L.Trainer) -> SparsitySchedule:
         total = trainer.estimated_stepping_batches
@@ -278,6 +302,11 @@ class GradualPruning(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._capture is not None:  # channels: find the groups once, before the first mask update
+            self._capture.remove()
+            self.plan = discover(trainer, pl_module, self._capture.call, self.include, self.exclude)
+            self._capture = None
+            self.targets = self.plan.targets(dict(pl_module.named_parameters(remove_duplicate=False)))
         if trainer.global_step == self._last_step or not self._active:
             return  # accumulating gradients: no optimizer step happened
         self._last_step = trainer.global_step
@@ -286,6 +315,9 @@ class GradualPruning(L.Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._capture is not None:  # no training step ran
+            self._capture.remove()
+            self._capture = None
         self._apply()
         if self.make_permanent:
             self._active = False
@@ -307,13 +339,16 @@ class GradualPruning(L.Callback):
         # Masks only grow: before start_step a continued fit's schedule says 0, and a run resumed with more steps
         # than the checkpoint's run planned has a later end_step, so a lower sparsity at the same step.
         target = self.schedule.sparsity_at(trainer.global_step)
-        if target <= self._mask_sparsity:
+        if target <= self._mask_sparsity or (self.granularity == "channels" and self.plan is None):
             return
-        weights = {t.weight: self._parameters[t.weight] for t in self.targets}
-        layouts = {t.weight: t.layout for t in self.targets}
-        masks = compute_masks(weights, target, self.granularity, self.scope, self.pattern, layouts)
-        for t in self.targets:  # a pruned channel takes its bias (and following BatchNorm) entries with it
-            masks.update({name: masks[t.weight].movedim(t.output_dim, 0).reshape(-1) for name in t.coupled})
+        if self.plan is not None:
+            masks = self.plan.masks(trainer.lightning_module, target, self.scope)
+        else:
+            weights = {t.weight: self._parameters[t.weight] for t in self.targets}
+            layouts = {t.weight: t.layout for t in self.targets}
+            masks = compute_masks(weights, target, self.granularity, self.scope, self.pattern, layouts)
+            for t in self.targets:  # a pruned channel takes its bias (and following BatchNorm) entries with it
+                masks.update({name: masks[t.weight].movedim(t.output_dim, 0).reshape(-1) for name in t.coupled})
         # Identical weights give identical masks on every rank; broadcasting rank 0's makes it a guarantee.
         masks = trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
         device = next(iter(self._parameters.values())).device
@@ -359,36 +394,25 @@ class GradualPruning(L.Callback):
     # --- report --------------------------------------------------------------------------------------
 
     def report_section(self, trainer: L.Trainer, run_dir: Path) -> ReportSection:
-        """Per-layer sparsity table and a plot of target vs achieved sparsity over steps."""
-        layers = self.layer_sparsity
-        figure = plot_pruning(self.history, layers, run_dir / "pruning.png")
-        nonzero = sum(int((self._parameters[name] != 0).sum()) for name in layers)
-        aliases = {t.weight: t.aliases for t in self._live_targets()}
-        rows: list[dict[str, Any]] = [
-            {"layer": name, "shape": "x".join(map(str, self._parameters[name].shape)), "sparsity": value}
-            for name, value in layers.items()
-        ]
-        if any(aliases.values()):
-            for row in rows:
-                row["tied_to"] = ", ".join(aliases[row["layer"]])
-        return ReportSection(
-            name="pruning",
-            summary={
-                "granularity": self.granularity + (f" {self.pattern[0]}:{self.pattern[1]}" if self.pattern else ""),
-                "scope": self.scope,
-                "schedule": self.schedule_kind,
-                "target_sparsity": self.target_sparsity,
-                "achieved_sparsity": self.sparsity,
-                "reached_target": self.reached_target,
-                "end_step": self._schedule.end_step if self._schedule else self.end_step,
-                "planned_steps": self._planned_steps,
-                "continued_from_sparsity": self._carried,
-                "targeted_weights": sum(self._parameters[name].numel() for name in layers),
-                "nonzero_targeted_weights": nonzero,
-                "mask_updates": len(self.history),
-                "tied": {name: list(names) for name, names in aliases.items() if names},
-                "left_dense": dict(self.left_dense),
-            },
-            rows=rows,
-            figures=[figure.name],
-        )
+        """Per-layer sparsity table and a plot of target vs achieved sparsity over steps (see `report.py`)."""
+        return pruning_section(self, run_dir)
+
+    # --- channels: the smaller model -----------------------------------------------------------------
+
+    @property
+    def group_sparsity(self) -> dict[str, float]:
+        """granularity="channels": the share of each selected group's units that the masks prune."""
+        return {} if self.plan is None else self.plan.unit_sparsity(self.masks, self._parameters)
+
+    def shrink(self, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, LayerShrink]]:
+        """`model` (the LightningModule, or the traced module in it) without the pruned units, and what changed
+        per layer, or `ShrinkError` saying why not. After QAT the copy is float (`restore_float_modules`)."""
+        if self.granularity != "channels" or self.plan is None:
+            why = "has not found its channel groups yet (a fit does)" if self.granularity == "channels" else (
+                f"prunes granularity={self.granularity!r}, which leaves nothing to remove")  # fmt: skip
+            raise ShrinkError(f"GradualPruning.shrink: this callback {why}; shrink needs granularity='channels'")
+        groups = self.plan.groups_for(model)
+        cut = len(self.plan.prefix) + 1 if groups is not self.plan.groups else 0
+        masks = {name[cut:]: mask for name, mask in self.masks.items()}
+        shrunk, self.shrink_summary = shrink_with_groups(model, groups, masks)
+        return shrunk, self.shrink_summary

@@ -1,252 +1,165 @@
 """Physically remove pruned channels: the step that turns channel sparsity into a smaller, faster model.
 
-Channel pruning (GradualPruning with `granularity="channels"`) only zeros channels in place: a pruned channel
-has an all-zero output row (Linear) or filter (Conv), a zero bias entry, and zero gamma and beta in any
-BatchNorm on its way. Such a channel carries exactly 0 to the next layer, so deleting it, together with the
-next layer's matching input columns, leaves the outputs unchanged.
+Which entries go together comes from the model's own graph (`dependency.analyze`): a producer's rows and bias,
+the BatchNorm entries that normalize them, every consumer's input columns, every other producer added into the
+same stream, whole attention heads. `shrink` either returns a smaller model that computes what the masked (or
+zeroed) model computes, with a per-layer summary, or raises `ShrinkError` naming the layers and why: it never
+returns the model unchanged without a word.
 
-Only chains inside a plain `nn.Sequential` (one whose `forward` is Sequential's own) are touched, because
-there the data flow is known: a producer, then modules that keep a zero channel zero, then one consumer.
-A layer whose output goes anywhere else (a residual add, attention, the model's output) is left alone.
+A model that went through quantization-aware training holds fake-quantized layers; `shrink` works on a
+copy where `lightning_eff.quantization.restore_float_modules` has turned them back into float layers
+(same Parameters), so the smaller model is a float model, ready for `quantization.convert` again.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Exact types with f(0) = 0, applied to each element on its own (dropout only rescales): a zero channel
-# stays zero. Sigmoid, Softplus, Hardtanh with a positive floor and the alpha dropouts do not qualify.
-_ELEMENTWISE = (
-    nn.Identity,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Tanh,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Softshrink,
-    nn.Hardshrink,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
+from lightning_eff.pruning.dependency import ChannelGroup, analyze
+from lightning_eff.pruning.layers import prunable_kind
+from lightning_eff.pruning.structured_shrink import (
+    LayerShrink,
+    ShrinkError,
+    detached_copy,
+    pruned_units,
+    shrink_groups,
+    unit_masks,
 )
-# Spatial operations that act on each channel alone and map an all-zero channel to zero.
-_CHANNEL_LOCAL = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
+from lightning_eff.quantization.prepare import FAKE_QUANTIZED, restore_float_modules
 
-Leaf = tuple[str, nn.Module]
-Layer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
-Norm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
-# Only these exact types are traced through: a subclass may override forward or carry per-channel state
-# (a fake-quantized Linear's scales, say) that shrinking the weight alone would leave the wrong size.
-_KNOWN = (nn.Linear, nn.Flatten, *_CONVS, *_BATCH_NORMS, *_ELEMENTWISE, *_CHANNEL_LOCAL)
+__all__ = ["LayerShrink", "ShrinkError", "shrink", "shrink_with_groups", "summary_rows"]
 
 
-@dataclass(frozen=True)
-class _Chain:
-    """A producer whose output channels reach exactly one consumer through zero-preserving modules.
-
-    `block` is how many consumer inputs each producer channel feeds: 1, or the spatial size H*W when a
-    Flatten sits in between (Flatten lays each channel out as one contiguous block of features).
-    """
-
-    producer_name: str
-    producer: Layer
-    norms: tuple[Norm, ...]
-    consumer: Layer
-    block: int
+def _float_copy(model: nn.Module) -> nn.Module:
+    """`model`, or a copy of it with its fake-quantized layers restored to float (shrink needs plain layers)."""
+    if not any(isinstance(module, FAKE_QUANTIZED) for module in model.modules()):
+        return model
+    rank_zero_info("shrink: fake-quantized layers restored to float ones (restore_float_modules); "
+                   "the smaller model is a float model")  # fmt: skip
+    return restore_float_modules(detached_copy(model))
 
 
-class LayerSize(NamedTuple):
-    """Parameter counts of one layer before and after `shrink`."""
-
-    before: int
-    after: int
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def shrink_with_groups(
+    model: nn.Module, groups: Sequence[ChannelGroup], masks: Mapping[str, Tensor]
+) -> tuple[nn.Module, dict[str, LayerShrink]]:
+    """`structured_shrink.shrink_groups` after QAT too: the smaller model and what changed, per layer."""
+    if not groups:
+        raise ShrinkError("no channel group to shrink: the model's graph has none that can be pruned")
+    return shrink_groups(_float_copy(model), groups, masks)
 
 
-def _is_plain_sequential(module: nn.Module) -> bool:
-    """A Sequential that runs its children in order; a subclass with its own forward could do anything."""
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+def summary_rows(summary: Mapping[str, LayerShrink]) -> list[dict[str, Any]]:
+    """One row per changed layer: parameters before/after and the shapes that changed (for reports)."""
+    return [
+        {
+            "layer": name,
+            "kind": change.kind,
+            "parameters_before": change.parameters[0],
+            "parameters_after": change.parameters[1],
+            "shapes": {
+                leaf: f"{'x'.join(map(str, a))} -> {'x'.join(map(str, b))}" for leaf, (a, b) in change.shapes.items()
+            },
+        }
+        for name, change in summary.items()
+    ]
 
 
-def _leaves(sequential: nn.Module, prefix: str) -> list[Leaf]:
-    """The children of `sequential` in execution order, with nested plain Sequentials opened up."""
-    leaves: list[Leaf] = []
-    for name, child in sequential.named_children():
-        qualified = _join(prefix, name)
-        leaves += _leaves(child, qualified) if _is_plain_sequential(child) else [(qualified, child)]
-    return leaves
+def _consumer_side(model: nn.Module, name: str, dim: int) -> bool:
+    """Whether (parameter `name`, `dim`) is a layer's input dimension: it multiplies the channel, never makes it."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    kind = prunable_kind(module)
+    if kind is None or leaf != kind.weight:
+        return False
+    weight = getattr(module, leaf)
+    return dim == kind.input_dim % weight.dim()
 
 
-def _runs(module: nn.Module, prefix: str = "") -> list[list[Leaf]]:
-    """Every maximal run of modules executed one after another, found anywhere in `module`."""
-    if not _is_plain_sequential(module):
-        return [run for name, child in module.named_children() for run in _runs(child, _join(prefix, name))]
-    leaves = _leaves(module, prefix)
-    return [leaves, *(run for name, leaf in leaves for run in _runs(leaf, name))]
+def zeroed_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[tuple[ChannelGroup, Tensor]]:
+    """Per group, the units whose every producing entry (rows, biases, norm affine entries) is exactly zero."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    found = []
+    for group in groups:
+        dead = torch.ones(group.size, dtype=torch.bool)
+        producing = [m for m in group.members if m.name in parameters and not _consumer_side(model, m.name, m.dim)]
+        for member in producing:
+            moved = parameters[member.name].detach().movedim(member.dim, 0)
+            slices = moved[member.index.reshape(-1).to(moved.device)].reshape(member.index.shape[0], -1)
+            dead &= (slices == 0).all(1).cpu()
+        if dead.all():  # a layer with every channel zeroed keeps one (zero) channel: the model stays connected
+            dead[0] = False
+        found.append((group, dead if producing else torch.zeros(group.size, dtype=torch.bool)))
+    return found
 
 
-def _out_channels(layer: Layer) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
-def _chain_from(run: list[Leaf], start: int) -> _Chain | None:
-    """The chain that starts at `run[start]`, or None when its output cannot be traced to one consumer."""
-    producer_name, producer = run[start]
-    # Grouped convolutions tie output channels to input groups, so dropping some would break the grouping.
-    if type(producer) not in _KNOWN or not isinstance(producer, Layer) or getattr(producer, "groups", 1) != 1:
-        return None
-    channels = _out_channels(producer)
-    norms: list[Norm] = []
-    flattened = False
-    for _, module in run[start + 1 :]:
-        if type(module) not in _KNOWN:
-            return None
-        spatial = isinstance(producer, _CONVS) and not flattened
-        if isinstance(module, _ELEMENTWISE) or (spatial and isinstance(module, _CHANNEL_LOCAL)):
-            continue
-        if spatial and isinstance(module, _BATCH_NORMS):
-            # Without affine parameters a zero channel leaves the norm as -mean/std, not zero.
-            if not module.affine or module.num_features != channels:
-                return None
-            norms.append(module)
-            continue
-        if spatial and isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
-            flattened = True
-            continue
-        if isinstance(module, nn.Linear) and not spatial:
-            block, remainder = divmod(module.in_features, channels)
-            if remainder or (block != 1 and not flattened):
-                return None
-            return _Chain(producer_name, producer, tuple(norms), module, block)
-        if spatial and isinstance(module, _CONVS) and module.groups == 1 and module.in_channels == channels:
-            return _Chain(producer_name, producer, tuple(norms), module, 1)
-        return None
-    return None
-
-
-def _chains(model: nn.Module) -> list[_Chain]:
-    """All shrinkable chains of `model`, in the order `named_modules` lists their producers."""
-    found = [chain for run in _runs(model) for start in range(len(run)) if (chain := _chain_from(run, start))]
-    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    return sorted(found, key=lambda chain: order[chain.producer_name])
-
-
-def shrinkable_producers(model: nn.Module) -> list[str]:
-    """Names of the Linear/Conv layers whose channels `shrink` can remove: the default targets of channel pruning.
-
-    Example:
-        >>> from lightning_eff.tasks.digits import DigitsMLP
-        >>> shrinkable_producers(DigitsMLP(hidden_sizes=[64, 64]))
-        ['net.1', 'net.4']
-    """
-    return [chain.producer_name for chain in _chains(model)]
-
-
-def _kept_channels(chain: _Chain) -> torch.Tensor:
-    """Indices of the channels that still carry a signal; one zero channel survives if none do."""
-    weight = chain.producer.weight.detach()
-    pruned = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
-    if chain.producer.bias is not None:
-        pruned &= chain.producer.bias.detach() == 0
-    for norm in chain.norms:
-        pruned &= (norm.weight.detach() == 0) & (norm.bias.detach() == 0)
-    kept = (~pruned).nonzero().flatten()
-    return kept if kept.numel() else torch.zeros(1, dtype=torch.long, device=weight.device)
-
-
-def _select(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
-    """Keep only `index` along `dim` of the parameter or buffer `name`, keeping its kind, dtype and device."""
-    tensor = getattr(module, name)
-    if tensor is None:
-        return
-    smaller = tensor.detach().index_select(dim, index.to(tensor.device)).clone()
-    if isinstance(tensor, nn.Parameter):
-        setattr(module, name, nn.Parameter(smaller, requires_grad=tensor.requires_grad))
-    else:
-        setattr(module, name, smaller)
-
-
-def _shrink_chain(chain: _Chain, kept: torch.Tensor) -> None:
-    producer, consumer = chain.producer, chain.consumer
-    _select(producer, "weight", 0, kept)
-    _select(producer, "bias", 0, kept)
-    if isinstance(producer, nn.Linear):
-        producer.out_features = kept.numel()
-    else:
-        producer.out_channels = kept.numel()
-    for norm in chain.norms:
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _select(norm, name, 0, kept)
-        norm.num_features = kept.numel()
-    offsets = torch.arange(chain.block, device=kept.device)
-    columns = (kept[:, None] * chain.block + offsets).flatten()
-    _select(consumer, "weight", 1, columns)
-    if isinstance(consumer, nn.Linear):
-        consumer.in_features = columns.numel()
-    else:
-        consumer.in_channels = columns.numel()
+def _leaves(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [leaf for value in output.values() for leaf in _leaves(value)]
+    if isinstance(output, (list, tuple)):
+        return [leaf for value in output for leaf in _leaves(value)]
+    return []
 
 
 @torch.no_grad()
-def shrink(model: nn.Module) -> nn.Module:
-    """A smaller copy of a channel-pruned `model` with the same outputs: pruned channels are cut out, not zeroed.
+def shrink(
+    model: nn.Module, example_kwargs: Mapping[str, Any] | None = None, masks: Mapping[str, Tensor] | None = None
+) -> tuple[nn.Module, dict[str, LayerShrink]]:
+    """A smaller copy of a channel-pruned `model` with the same outputs, and what changed per layer.
 
-    Module names and types stay, so the copy's `state_dict` has the original's keys with smaller shapes.
-    `model` itself is not changed.
+    The channel groups are found by tracing `model` on `example_kwargs` (``model(**example_kwargs)`` must run).
+    With `masks` (True = pruned, by parameter name, as `GradualPruning.masks`), the units they mask in every
+    coupled parameter go; without, the units whose producing entries are all zero (rows, biases, BatchNorm
+    weight and bias) go, and the shrunk outputs are checked against the model's on the example inputs. Module
+    names and types stay, so the copy's `state_dict` has the original's keys with smaller shapes; `model` is not
+    changed. Raises `ShrinkError` naming the layers when nothing can be removed or a removal is not exact.
 
-    Args:
-        model: a model whose pruned channels are zero in place (see the module docstring).
+    Example::
+
+        small, summary = shrink(model, {"x": images[:2]})
     """
-    shrunk = copy.deepcopy(model)
-    chains = _chains(shrunk)
-    # Decide every cut before making any, so a layer that is both a consumer and a producer is read intact.
-    kept = [_kept_channels(chain) for chain in chains]
-    for chain, channels in zip(chains, kept, strict=True):
-        _shrink_chain(chain, channels)
-    return shrunk
-
-
-def shrink_summary(original: nn.Module, shrunk: nn.Module) -> dict[str, LayerSize]:
-    """Parameter counts of each layer that `shrink` made smaller, for reports and logs."""
-
-    def own_parameters(module: nn.Module) -> int:
-        return sum(parameter.numel() for parameter in module.parameters(recurse=False))
-
-    after = dict(shrunk.named_modules())
-    sizes = {
-        name: LayerSize(own_parameters(module), own_parameters(after[name]))
-        for name, module in original.named_modules()
-    }
-    return {name: size for name, size in sizes.items() if size.before != size.after}
+    if example_kwargs is None:
+        raise ShrinkError("shrink(model) needs example_kwargs, the inputs of model.forward (e.g. {'x': batch}), to "
+                          "find which channels are coupled; GradualPruning(granularity='channels').shrink(model) "
+                          "knows them from training")  # fmt: skip
+    plain = _float_copy(model)
+    analysis = analyze(plain, example_kwargs)
+    skipped = "; ".join(f"{s.group.name}: {s.reasons[0]}" for s in analysis.skipped[:8])
+    more = f" (and {len(analysis.skipped) - 8} more)" if len(analysis.skipped) > 8 else ""
+    if not analysis.groups:
+        raise ShrinkError(f"{type(model).__name__} has no channel group that can be removed exactly; skipped: "
+                          f"{skipped or 'none found'}{more}")  # fmt: skip
+    zeroed = masks is None
+    if masks is None:
+        masks = unit_masks(plain, zeroed_units(plain, analysis.groups))
+    parameters = dict(plain.named_parameters(remove_duplicate=False))
+    if not any(pruned_units(group, masks, parameters).any() for group in analysis.groups):
+        what = "zeroed channel" if zeroed else "unit masked in every coupled parameter"
+        raise ShrinkError(f"no {what} in any prunable group of {type(model).__name__} "
+                          f"({', '.join(g.name for g in analysis.groups)}); skipped: {skipped or 'none'}"
+                          f"{more}")  # fmt: skip
+    shrunk, summary = shrink_groups(plain, analysis.groups, masks)
+    if zeroed:
+        was = plain.training
+        expected = _leaves(plain.eval()(**analysis.example_kwargs))
+        plain.train(was)
+        got = _leaves(shrunk.eval()(**analysis.example_kwargs))
+        for e, g in zip(expected, got, strict=False):
+            if e.is_floating_point() and not torch.allclose(
+                g, e, rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item())
+            ):
+                layers = ", ".join(summary)
+                raise ShrinkError(f"removing the zeroed channels of {layers} changes the outputs by "
+                                  f"{(g - e).abs().max().item():.3g}: a zero channel does not stay zero on its way "
+                                  "(an activation with f(0) != 0?); prune with GradualPruning(granularity='channels'), "
+                                  "which masks the consumers too")  # fmt: skip
+    return shrunk, summary

@@ -41,6 +41,20 @@ class LayerShrink:
     kind: str
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     attributes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    parameters: tuple[int, int] = (0, 0)  # the module's own parameter count, before -> after
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` without the Trainer or Fabric a LightningModule refers to (those stay out)."""
+    memo: dict[int, Any] = {}
+    for attribute in ("_trainer", "_fabric"):
+        if (value := getattr(model, attribute, None)) is not None:
+            memo[id(value)] = None
+    return copy.deepcopy(model, memo)
+
+
+def _own_parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters(recurse=False))
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -256,7 +270,8 @@ def shrink_groups(
     if not removed:
         raise ShrinkError("the masks prune no unit of any group: nothing to remove")
 
-    shrunk = copy.deepcopy(model)
+    before = {name: _own_parameters(module) for name, module in model.named_modules()}
+    shrunk = detached_copy(model)
     named = _tensors(shrunk)
     names_of: dict[int, list[str]] = {}
     for name, tensor in named.items():
@@ -293,6 +308,8 @@ def shrink_groups(
         for sub_name, sub in modules[where].named_modules(prefix=where):
             if not isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd)):
                 _scale_heads(sub, kept, total, sub_name or "the model", change_of(sub_name))
+    for name, change in summary.items():
+        change.parameters = (before[name], _own_parameters(modules[name]))
     return shrunk, {name: change for name, change in summary.items() if change.shapes or change.attributes}
 
 
@@ -314,7 +331,7 @@ def _disagreement(model: nn.Module, groups: Sequence[ChannelGroup], example_kwar
         units[0] = True
         pruned.append((group, units))
     masks = unit_masks(model, pruned)
-    masked = copy.deepcopy(model).eval()
+    masked = detached_copy(model).eval()
     parameters = dict(masked.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, mask in masks.items():

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_eff.pruning.export import shrinkable_producers
 from lightning_eff.pruning.layers import PrunableKind, prunable_kind
 from lightning_eff.validation import ConfigError, match_globs
 
@@ -141,12 +140,7 @@ def select(
     def names_of(layer: str) -> list[str]:
         return names.get(id(weight_of(layer)), [_join(layer, layers[layer][1].weight)])
 
-    if include:
-        chosen = match_globs(available, include, "include", "prunable layer")
-    elif granularity == "channels":
-        chosen = set(shrinkable_producers(model))
-    else:
-        chosen = set(available)
+    chosen = match_globs(available, include, "include", "prunable layer") if include else set(available)
     excluded = match_globs(available, exclude, "exclude", "prunable layer") if exclude else set()
     if chosen and chosen <= excluded:
         raise ConfigError("exclude", exclude, f"leaves no layer to prune; layers: {', '.join(available)}")
@@ -213,9 +207,9 @@ def select_targets(
 
     By default every prunable layer (`layers.py`: Linear, Conv, MultiheadAttention's in_proj, HF Conv1D, and
     registered kinds) except one whose weight is tied to a module that is not prunable (a head tied to an
-    embedding: `include` it to prune both, once); for ``channels``, the layers whose channels `export.shrink`
-    can remove (pruning a classifier head's rows would delete classes); for ``n:m``, the layers of an n:m
-    kind whose input width is a multiple of M. A weight shared by several chosen layers is one target. An
-    include or exclude pattern that matches nothing is an error that lists the layers that exist.
+    embedding: `include` it to prune both, once); ``channels`` is selected by group instead, from the model's
+    graph (`GradualPruning` with `group_plan`: a classifier head's rows reach the output and stay); for
+    ``n:m``, the layers of an n:m kind whose input width is a multiple of M. A weight shared by several chosen
+    layers is one target. An include or exclude pattern that matches nothing is an error listing the layers.
     """
     return select(model, granularity, include, exclude, group_size).targets

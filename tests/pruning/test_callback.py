@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_eff import GradualPruning
-from lightning_eff.pruning.export import shrink
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
 from lightning_eff.validation import ConfigError
 from tests.pruning import ddp_worker
@@ -105,8 +104,11 @@ def test_n_m_run_ends_with_the_pattern_everywhere() -> None:
 def test_channel_pruning_then_shrink_gives_the_same_outputs_with_fewer_parameters() -> None:
     callback = GradualPruning(target_sparsity=0.5, granularity="channels", scope="layer", update_every=5, end_step=20)
     model, _ = fit(callback, max_steps=25)
-    assert [t.module for t in callback.targets] == ["net.1", "net.4"]  # the classifier head keeps its classes
-    small = shrink(model.eval())
+    assert callback.plan is not None  # the classifier head keeps its classes: its rows reach the output
+    assert [g.name for g in callback.plan.groups] == ["net.1.weight:0", "net.4.weight:0"]
+    assert all(share == 0.5 for share in callback.group_sparsity.values())
+    small, summary = callback.shrink(model.eval())
+    assert set(summary) == {"net.1", "net.4", "net.7"}
     images = torch.rand(16, 1, 8, 8)
     assert torch.allclose(small(images), model(images), atol=1e-5)
     assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())

@@ -1,4 +1,7 @@
-"""`shrink` cuts zeroed channels out of the reference models without changing what they compute."""
+"""`shrink` cuts zeroed channels out of the reference models without changing what they compute, or says why not.
+
+The channel groups come from the model's graph, traced on example inputs (`dependency.analyze`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_eff.pruning.export import LayerSize, shrink, shrink_summary, shrinkable_producers
+from lightning_eff.pruning.export import shrink
+from lightning_eff.pruning.structured_shrink import ShrinkError
 from lightning_eff.tasks.digits import DigitsCNN, DigitsMLP
 from lightning_eff.tasks.gpt import TinyGPT
 
@@ -40,6 +44,10 @@ def assert_same_outputs(original: nn.Module, shrunk: nn.Module, inputs: torch.Te
         torch.testing.assert_close(shrunk(inputs), original(inputs), atol=1e-5, rtol=0)
 
 
+def parameters_of(summary: dict, layer: str) -> tuple[int, int]:
+    return summary[layer].parameters
+
+
 def images() -> torch.Tensor:
     return torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -66,10 +74,10 @@ def gpt() -> nn.Module:
     return TinyGPT(n_layer=2, n_head=2, d_model=32, seq_len=16)
 
 
-MODELS: list[tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], list[str]]] = [
-    (mlp, images, ["net.1", "net.4"]),
-    (cnn, images, ["net.0", "net.3"]),
-    (gpt, tokens, ["blocks.0.mlp.fc", "blocks.1.mlp.fc"]),
+MODELS: list[tuple[Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = [
+    (mlp, lambda: {"images": images()}),
+    (cnn, lambda: {"images": images()}),
+    (gpt, lambda: {"tokens": tokens()}),
 ]
 
 
@@ -78,17 +86,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.mark.parametrize(("build", "_inputs", "producers"), MODELS, ids=["mlp", "cnn", "gpt"])
-def test_producers_are_the_layers_feeding_one_consumer(build, _inputs, producers) -> None:
-    assert shrinkable_producers(build()) == producers
-
-
-@pytest.mark.parametrize(("build", "inputs", "_producers"), MODELS, ids=["mlp", "cnn", "gpt"])
-def test_unpruned_model_keeps_every_parameter(build, inputs, _producers) -> None:
-    model = build()
-    shrunk = shrink(model)
-    assert count(shrunk) == count(model)
-    assert_same_outputs(model, shrunk, inputs())
+@pytest.mark.parametrize(("build", "inputs"), MODELS, ids=["mlp", "cnn", "gpt"])
+def test_an_unpruned_model_is_refused_not_returned_unchanged(build, inputs) -> None:
+    with pytest.raises(ShrinkError, match="no zeroed channel in any prunable group"):
+        shrink(build(), inputs())
+    with pytest.raises(ShrinkError, match="needs example_kwargs"):
+        shrink(build())
 
 
 def test_mlp_loses_pruned_rows_and_the_next_layers_columns() -> None:
@@ -97,7 +100,7 @@ def test_mlp_loses_pruned_rows_and_the_next_layers_columns() -> None:
     zero_channels(model.net[4], [0, 20, 21, 63])
     before = count(model)
 
-    shrunk = shrink(model)
+    shrunk, summary = shrink(model, {"images": images()})
 
     assert_same_outputs(model, shrunk, images())
     assert count(shrunk) == linear_params([64, 61, 60, 10])
@@ -105,10 +108,10 @@ def test_mlp_loses_pruned_rows_and_the_next_layers_columns() -> None:
     assert shrunk.state_dict().keys() == model.state_dict().keys()
     assert (shrunk.net[1].out_features, shrunk.net[4].in_features, shrunk.net[4].out_features) == (61, 61, 60)
     assert shrunk.net[4].weight.shape == (60, 61)
-    assert shrink_summary(model, shrunk) == {
-        "net.1": LayerSize(65 * 64, 65 * 61),
-        "net.4": LayerSize(65 * 64, 62 * 60),
-        "net.7": LayerSize(65 * 10, 61 * 10),
+    assert {layer: change.parameters for layer, change in summary.items()} == {
+        "net.1": (65 * 64, 65 * 61),
+        "net.4": (65 * 64, 62 * 60),
+        "net.7": (65 * 10, 61 * 10),
     }
 
 
@@ -117,7 +120,7 @@ def test_cnn_loses_filters_batchnorm_entries_and_input_channels() -> None:
     zero_channels(model.net[0], [1, 5], norm=model.net[1])
     zero_channels(model.net[3], [0, 7, 8, 15], norm=model.net[4])
 
-    shrunk = shrink(model)
+    shrunk, summary = shrink(model, {"images": images()})
 
     assert_same_outputs(model, shrunk, images())
 
@@ -129,6 +132,7 @@ def test_cnn_loses_filters_batchnorm_entries_and_input_channels() -> None:
     assert shrunk.net[1].running_mean.shape == (6,)
     assert shrunk.net[4].num_features == 12
     assert (shrunk.net[3].in_channels, shrunk.net[3].out_channels, shrunk.net[8].in_features) == (6, 12, 12)
+    assert summary["net.1"].shapes["running_mean"] == ((8,), (6,))
 
 
 def test_gpt_mlps_lose_hidden_units_and_the_rest_stays() -> None:
@@ -136,7 +140,7 @@ def test_gpt_mlps_lose_hidden_units_and_the_rest_stays() -> None:
     zero_channels(model.blocks[0].mlp.fc, [0, 1, 2, 64])
     zero_channels(model.blocks[1].mlp.fc, list(range(100)))
 
-    shrunk = shrink(model)
+    shrunk, summary = shrink(model, {"tokens": tokens()})
 
     assert_same_outputs(model, shrunk, tokens())
     # Each hidden unit is a row of fc (32 weights + bias) and a column of proj (32 weights).
@@ -144,6 +148,7 @@ def test_gpt_mlps_lose_hidden_units_and_the_rest_stays() -> None:
     assert shrunk.state_dict().keys() == model.state_dict().keys()
     assert shrunk.blocks[1].mlp.proj.weight.shape == (32, 28)
     assert shrunk.blocks[0].attn.qkv.weight.shape == model.blocks[0].attn.qkv.weight.shape
+    assert set(summary) == {f"blocks.{i}.mlp.{layer}" for i in (0, 1) for layer in ("fc", "proj")}
 
 
 def test_zero_weights_alone_do_not_make_a_channel_prunable() -> None:
@@ -152,18 +157,15 @@ def test_zero_weights_alone_do_not_make_a_channel_prunable() -> None:
     zero_channels(model.net[0], [2])
     with torch.no_grad():
         model.net[3].weight[4] = 0
-
-    shrunk = shrink(model)
-
-    assert count(shrunk) == count(model)
-    assert_same_outputs(model, shrunk, images())
+    with pytest.raises(ShrinkError, match="no zeroed channel"):
+        shrink(model, {"images": images()})
 
 
 def test_fully_pruned_layer_keeps_one_zero_channel() -> None:
     model = mlp()
     zero_channels(model.net[1], list(range(64)))
 
-    shrunk = shrink(model)
+    shrunk, _ = shrink(model, {"images": images()})
 
     assert (shrunk.net[1].out_features, shrunk.net[4].in_features) == (1, 1)
     assert_same_outputs(model, shrunk, images())
@@ -174,13 +176,14 @@ def test_flatten_without_pooling_removes_each_channels_block_of_features() -> No
         nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
     ).double()
     zero_channels(model[0][0], [1, 2])
+    example = torch.randn(2, 2, 5, 5, dtype=torch.float64)
 
-    shrunk = shrink(model)
+    shrunk, summary = shrink(model, {"input": example})
 
-    assert shrinkable_producers(model) == ["0.0"]
+    assert set(summary) == {"0.0", "2"}
     assert shrunk[2].weight.shape == (3, 2 * 5 * 5)
     assert shrunk[2].weight.dtype == torch.float64
-    assert_same_outputs(model, shrunk, torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    assert_same_outputs(model, shrunk, example)
 
 
 class Residual(nn.Sequential):
@@ -188,17 +191,29 @@ class Residual(nn.Sequential):
         return x + super().forward(x)
 
 
+def test_a_hidden_layer_inside_a_residual_branch_is_shrunk_exactly() -> None:
+    model = nn.Sequential(Residual(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), nn.ReLU(), nn.Linear(4, 4))
+    zero_channels(model[0][0], [0, 1])
+    example = torch.randn(3, 4)
+    shrunk, summary = shrink(model, {"input": example})
+    assert shrunk[0][0].weight.shape == (6, 4) and shrunk[0][2].weight.shape == (4, 6)
+    assert set(summary) == {"0.0", "0.2"}
+    assert_same_outputs(model, shrunk, example)
+
+
 @pytest.mark.parametrize(
-    "model",
+    ("model", "error"),
     [
-        nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 4)),
-        nn.Sequential(Residual(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), nn.ReLU(), nn.Linear(4, 4)),
-        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 4, 1)),
-        nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1, groups=2)),
+        (nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 4)), "changes the outputs"),
+        (nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 4, 1)), "changes the outputs"),
+        (nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1, groups=2)), "no channel group that can be removed"),
     ],
-    ids=["sigmoid", "residual", "norm-without-affine", "grouped-consumer"],
+    ids=["sigmoid", "norm-without-affine", "grouped-consumer"],
 )
-def test_chains_that_do_not_carry_zeros_through_are_left_alone(model: nn.Module) -> None:
-    assert shrinkable_producers(model) == []
-    zero_channels(model[0] if not isinstance(model[0], Residual) else model[0][0], [0, 1])
-    assert count(shrink(model)) == count(model)
+def test_zeros_that_do_not_stay_zero_are_refused_with_the_reason(model: nn.Module, error: str) -> None:
+    zero_channels(model[0], [0, 1])
+    if isinstance(model[1], nn.BatchNorm2d):  # a zero channel leaves -mean/std, not zero
+        model[1].running_mean.fill_(0.5)
+    example = torch.randn(2, 4) if isinstance(model[0], nn.Linear) else torch.randn(2, 4, 3, 3)
+    with pytest.raises(ShrinkError, match=error):
+        shrink(model.eval(), {"input": example})

@@ -123,8 +123,11 @@ def test_conv1d_channels_zero_columns_and_their_bias_in_a_fit() -> None:
             self.proj = Conv1D(12, 8)  # weight [8 in, 12 out]
             self.head = nn.Linear(12, 2)
 
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.proj(x)))
+
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            return self.head(torch.relu(self.proj(batch))).pow(2).mean()
+            return self(batch).pow(2).mean()  # the outermost call is traced: proj with head, its consumer
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -140,4 +143,6 @@ def test_conv1d_channels_zero_columns_and_their_bias_in_a_fit() -> None:
     pruned = (task.proj.weight == 0).all(dim=0)
     assert int(pruned.sum()) == 6 and (task.proj.bias[pruned] == 0).all()
     assert torch.equal(callback.masks["proj.bias"], pruned) and callback.masks["proj.weight"].shape == (1, 12)
-    assert callback.targets[0].coupled == ("proj.bias",)
+    assert (task.head.weight[:, pruned] == 0).all()  # the consumer's columns go with the channel
+    small, summary = callback.shrink(task)
+    assert small.proj.weight.shape == (8, 6) and summary["proj"].attributes == {"nf": (12, 6)}

@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_eff import GradualPruning
+from lightning_eff.pruning.dependency import analyze
+from lightning_eff.pruning.group_plan import producers
 from lightning_eff.pruning.layers import register_prunable, unregister_prunable
 from lightning_eff.validation import ConfigError
 from tests.zoo.models import ZOO, ZOO_BY_NAME, ZooBatches, ZooTask
@@ -178,15 +180,6 @@ def test_an_included_tied_head_is_pruned_once_with_one_mask_for_both_names(name:
     assert next(row for row in section.rows if row["layer"] == embedding)["tied_to"] == head_weight
 
 
-@pytest.mark.parametrize("name", [entry.name for entry in ZOO])
-def test_channels_on_the_zoo_selects_or_refuses_with_a_config_error(name: str) -> None:
-    task = ZooTask(name)
-    try:
-        GradualPruning(granularity="channels").check_model(task)
-    except ConfigError as error:  # no shrinkable chain in these models: a one-line error, not a KeyError
-        assert str(error).startswith("include=None: leaves no layer to prune")
-
-
 # --- lifecycle --------------------------------------------------------------------------------------------
 
 
@@ -311,7 +304,12 @@ def test_a_registered_custom_kind_is_pruned_along_its_own_layout() -> None:
             ("head", "head.weight", (0, 1)),
         ]
         assert (grouped_along_input(task.body.kernel, 0, 4) == 2).all()  # groups run down the [in, out] rows
-        channels = GradualPruning(target_sparsity=0.5, granularity="channels", include="body")
-        assert channels.check_model(task)[0].coupled == ("body.offset",)
+        # channels: the registered layout says which dimension produces (kernel's columns, with offset)
+        chain = nn.Sequential(task.body, nn.ReLU(), task.head)
+        analysis = analyze(chain, {"input": torch.randn(2, 16)})
+        assert analysis.groups, analysis.skipped
+        group = analysis.groups[0]
+        assert group.dimensions() == {("0.kernel", 1), ("0.offset", 0), ("2.weight", 1)}
+        assert producers(chain, group) == ["0"]
     finally:
         unregister_prunable(Transposed)

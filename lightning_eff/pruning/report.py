@@ -1,0 +1,56 @@
+"""The pruning section of a run's report: per-layer sparsity, the schedule plot, and for channels the groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_eff.pruning.export import summary_rows
+from lightning_eff.pruning.plot import plot_pruning
+from lightning_eff.report import ReportSection
+
+if TYPE_CHECKING:
+    from lightning_eff.pruning.callback import GradualPruning
+
+
+def pruning_section(callback: GradualPruning, run_dir: Path) -> ReportSection:
+    """Per-layer sparsity table and a plot of target vs achieved sparsity over steps."""
+    layers = callback.layer_sparsity
+    figure = plot_pruning(callback.history, layers, run_dir / "pruning.png")
+    nonzero = sum(int((callback._parameters[name] != 0).sum()) for name in layers)
+    aliases = {t.weight: t.aliases for t in callback._live_targets()}
+    rows: list[dict[str, Any]] = [
+        {"layer": name, "shape": "x".join(map(str, callback._parameters[name].shape)), "sparsity": value}
+        for name, value in layers.items()
+    ]
+    if any(aliases.values()):
+        for row in rows:
+            row["tied_to"] = ", ".join(aliases[row["layer"]])
+    summary: dict[str, Any] = {}
+    if callback.plan is not None:  # granularity="channels"
+        summary["groups"] = callback.group_sparsity
+        summary["skipped_groups"] = {s.group.name: list(s.reasons) for s in callback.plan.skipped}
+        summary["shrink"] = summary_rows(callback.shrink_summary)
+    return ReportSection(
+        name="pruning",
+        summary={
+            "granularity": callback.granularity
+            + (f" {callback.pattern[0]}:{callback.pattern[1]}" if callback.pattern else ""),
+            "scope": callback.scope,
+            "schedule": callback.schedule_kind,
+            "target_sparsity": callback.target_sparsity,
+            "achieved_sparsity": callback.sparsity,
+            "reached_target": callback.reached_target,
+            "end_step": callback._schedule.end_step if callback._schedule else callback.end_step,
+            "planned_steps": callback._planned_steps,
+            "continued_from_sparsity": callback._carried,
+            "targeted_weights": sum(callback._parameters[name].numel() for name in layers),
+            "nonzero_targeted_weights": nonzero,
+            "mask_updates": len(callback.history),
+            "tied": {name: list(names) for name, names in aliases.items() if names},
+            "left_dense": dict(callback.left_dense),
+            **summary,
+        },
+        rows=rows,
+        figures=[figure.name],
+    )
