@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_eff.pruning.export import summary_rows
 from lightning_eff.pruning.plot import plot_pruning
+from lightning_eff.pruning.sparse_format import packed_entry_bytes
 from lightning_eff.report import ReportSection
 
 if TYPE_CHECKING:
@@ -48,9 +49,21 @@ def pruning_section(callback: GradualPruning, run_dir: Path) -> ReportSection:
             "nonzero_targeted_weights": nonzero,
             "mask_updates": len(callback.history),
             "tied": {name: list(names) for name, names in aliases.items() if names},
+            **packed_bytes(callback),
             "left_dense": dict(callback.left_dense),
             **summary,
         },
         rows=rows,
         figures=[figure.name],
     )
+
+
+def packed_bytes(callback: GradualPruning) -> dict[str, int]:
+    """Bytes of the pruned weights on disk, dense and in `sparse_format` (bitmap + nonzero values), without writing."""
+    dense = packed = 0
+    for name in callback.layer_sparsity:
+        weight = callback._parameters[name]
+        size = weight.numel() * weight.element_size()
+        dense += size
+        packed += min(packed_entry_bytes(weight.numel(), int((weight != 0).sum()), weight.element_size()), size)
+    return {"targeted_bytes_dense": dense, "targeted_bytes_packed": packed}

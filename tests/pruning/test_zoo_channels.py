@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_eff import GradualPruning
 from lightning_eff.pruning.export import shrink
+from lightning_eff.pruning.report import pruning_section
 from lightning_eff.pruning.structured_shrink import ShrinkError
 from lightning_eff.quantization import FakeQuantizedLinear, QuantizationAwareTraining, restore_float_modules
 from lightning_eff.validation import ConfigError
@@ -159,8 +160,21 @@ def test_shrink_after_quantization_aware_training_restores_float_layers(tmp_path
     assert_shrunk_equals_masked(task, small, "vit")  # the masked float model computes what the shrunk one does
 
 
-def test_two_ddp_ranks_find_the_same_groups_and_masks(tmp_path: Path) -> None:
-    result = run_worker(zoo_ddp_worker, [str(tmp_path / "out")], cwd=tmp_path, timeout=300)
+@pytest.mark.parametrize(("model", "granularity"), [("resnet", "channels"), ("llama_tied", "channels"),
+                                                    ("gpt2", "unstructured")])  # fmt: skip
+def test_two_ddp_ranks_find_the_same_groups_and_masks(tmp_path: Path, model: str, granularity: str) -> None:
+    result = run_worker(zoo_ddp_worker, [str(tmp_path / "out"), model, granularity], cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [(tmp_path / f"out.rank{rank}").read_text() for rank in (0, 1)]
-    assert ranks[0] == ranks[1] and ranks[0].split()[1] != "0"
+    _, groups, pruned, masks = ranks[0].split()
+    assert ranks[0] == ranks[1]  # each rank trained on other batches: rank 0's broadcast made them agree
+    assert int(pruned) > 0 and int(masks) > 0 and (groups != "0" or granularity != "channels")
+
+
+def test_report_gives_the_pruned_weights_bytes_dense_and_packed(tmp_path: Path) -> None:
+    callback = GradualPruning(target_sparsity=0.9, scope="layer", update_every=1, end_step=2)
+    fit("gpt2", callback, tmp_path, max_steps=3)
+    summary = pruning_section(callback, tmp_path).summary
+    dense, packed = summary["targeted_bytes_dense"], summary["targeted_bytes_packed"]
+    assert dense == sum(4 * callback._parameters[name].numel() for name in callback.layer_sparsity) > 0
+    assert packed < 0.15 * dense  # 10% of the fp32 values plus a bitmap of 1/32
