@@ -6,6 +6,7 @@ callbacks, logger and Trainer, trains, tests, and writes the end-of-run report i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -76,7 +77,11 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
 
     def skip(path: Path, problem: str) -> None:
         skipped.append(f"{path} ({problem})")
-        rank_zero_info(f"resume=auto: skipping {path}: not a whole checkpoint ({problem})")
+        rank_zero_info(f"resume=auto: skipping {path}: not a whole checkpoint ({problem}); kept as {path.name}.broken")
+        # Out of the way, not deleted: Lightning would otherwise save the next `last.ckpt` as `last-v1.ckpt`
+        # beside it, and every later resume would read it again. Under srun every rank tries; one succeeds.
+        with contextlib.suppress(OSError):
+            path.rename(path.with_name(path.name + ".broken"))
 
     chosen = newest_whole_checkpoint(candidates, skip)
     if chosen is None:

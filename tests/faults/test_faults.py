@@ -141,4 +141,5 @@ def test_sigkill_of_a_rank_and_a_cut_checkpoint_then_resume_auto_ends_where_the_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resume=auto: skipping {newest}" in resumed.stdout + resumed.stderr
     assert "resume=auto: resuming from" in resumed.stdout + resumed.stderr
+    assert newest.with_name(newest.name + ".broken").is_file()  # kept aside, so `last.ckpt` is written afresh
     assert_same(final_state(run_dir), uninterrupted)
