@@ -160,15 +160,18 @@ def test_shrink_after_quantization_aware_training_restores_float_layers(tmp_path
     assert_shrunk_equals_masked(task, small, "vit")  # the masked float model computes what the shrunk one does
 
 
-@pytest.mark.parametrize(("model", "granularity"), [("resnet", "channels"), ("llama_tied", "channels"),
-                                                    ("gpt2", "unstructured")])  # fmt: skip
-def test_two_ddp_ranks_find_the_same_groups_and_masks(tmp_path: Path, model: str, granularity: str) -> None:
-    result = run_worker(zoo_ddp_worker, [str(tmp_path / "out"), model, granularity], cwd=tmp_path, timeout=300)
+def test_two_ddp_ranks_find_the_same_groups_and_masks_on_every_zoo_model(tmp_path: Path) -> None:
+    """Every zoo model, channels, unstructured and 2:4, on 2 gloo ranks that train on other batches."""
+    result = run_worker(zoo_ddp_worker, [str(tmp_path / "out")], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [(tmp_path / f"out.rank{rank}").read_text() for rank in (0, 1)]
-    _, groups, pruned, masks = ranks[0].split()
-    assert ranks[0] == ranks[1]  # each rank trained on other batches: rank 0's broadcast made them agree
-    assert int(pruned) > 0 and int(masks) > 0 and (groups != "0" or granularity != "channels")
+    ranks = [(tmp_path / f"out.rank{rank}").read_text().splitlines() for rank in (0, 1)]
+    cases = [(model, granularity) for model in ZOO_BY_NAME for granularity in zoo_ddp_worker.GRANULARITIES]
+    assert [tuple(line.split()[:2]) for line in ranks[0]] == cases
+    assert ranks[0] == ranks[1]  # rank 0's broadcast made them agree
+    for line in ranks[0]:
+        _, granularity, _, groups, pruned, masks = line.split()
+        assert int(pruned) > 0 and int(masks) > 0, line
+        assert groups != "0" or granularity != "channels", line
 
 
 def test_report_gives_the_pruned_weights_bytes_dense_and_packed(tmp_path: Path) -> None:
