@@ -878,11 +878,13 @@ def run_packed(plan: Plan, seed: int) -> dict[str, Any]:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in linears}
         apply_parameter_masks(model, unstructured_masks(weights, sparsity, "global"))
-        quantized = copy.deepcopy(model)
-        swap_in_fake_quantized(quantized, linears, SCHEMES["int8_weight_only"], 128)
-        quantized = convert(quantized)
+        converted = {}
+        for kind, scheme, group_size in (("int8", "int8_weight_only", 128), ("int4", "int4_weight_only", 32)):
+            quantized = copy.deepcopy(model)
+            swap_in_fake_quantized(quantized, linears, SCHEMES[scheme], group_size)
+            converted[kind] = convert(quantized)
         entry: dict[str, Any] = {}
-        for kind, module in (("fp32", model), ("int8", quantized)):
+        for kind, module in (("fp32", model), *converted.items()):
             state = module.state_dict()
             dense = file_bytes(lambda path, state=state: torch.save(state, path))
             packed = file_bytes(lambda path, state=state: save_sparse(state, path))
@@ -891,25 +893,28 @@ def run_packed(plan: Plan, seed: int) -> dict[str, Any]:
             exact = all(torch.equal(restored[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
             entry[kind] = {"dense_bytes": dense, "packed_bytes": packed, "ratio": packed / dense, "round_trip": exact}
         results[f"{sparsity:.0%}"] = entry
-        rows.append([f"{sparsity:.0%}", entry["fp32"]["dense_bytes"], entry["fp32"]["packed_bytes"],
-                     f"{entry['fp32']['ratio']:.3f}", entry["int8"]["dense_bytes"], entry["int8"]["packed_bytes"],
-                     f"{entry['int8']['ratio']:.3f}",
-                     "yes" if entry["fp32"]["round_trip"] and entry["int8"]["round_trip"] else "NO"])  # fmt: skip
+        rows.append([f"{sparsity:.0%}",
+                     *[value for kind in ("fp32", "int8", "int4") for value in
+                       (entry[kind]["dense_bytes"], entry[kind]["packed_bytes"], f"{entry[kind]['ratio']:.3f}")],
+                     "yes" if all(e["round_trip"] for e in entry.values()) else "NO"])  # fmt: skip
     parameters = parameter_count(base)
     print_table(
         f"8. packed files: digits MLP [{plan.packed_width}, {plan.packed_width}] ({parameters} parameters),"
         " global magnitude pruning of the Linear weights; torch.save(state_dict) vs save_sparse; int8 ="
-        " int8_weight_only converted",
-        ["sparsity", "fp32 torch.save B", "fp32 packed B", "ratio", "int8 torch.save B", "int8 packed B", "ratio",
-         "exact round trip"],
+        " int8_weight_only converted (group 128), int4 = int4_weight_only converted (group 32, two weights a byte)",
+        ["sparsity", *[f"{kind} {what}" for kind in ("fp32", "int8", "int4")
+                       for what in ("torch.save B", "packed B", "ratio")], "exact round trip"],
         rows,
     )  # fmt: skip
     goals = report_goals(
         *[Goal(f"fp32 packed at {s} sparsity at most (1 - sparsity) + 1/32 + 0.02 of torch.save",
                f"{results[s]['fp32']['ratio']:.3f}", results[s]["fp32"]["ratio"] <= 1 - int(s[:-1]) / 100 + 1 / 32
                + 0.02) for s in ("50%", "80%", "90%")],
+        Goal("int4 packed at 90% sparsity at most half of its torch.save (a byte is zero when both its weights"
+             " are: 81% of bytes; bitmap 1/8; the fp32 scales stay dense)", f"{results['90%']['int4']['ratio']:.3f}",
+             results["90%"]["int4"]["ratio"] <= 0.5),
         Goal("every packed file loads back exactly", "",
-             all(e[k]["round_trip"] for e in results.values() for k in ("fp32", "int8"))),
+             all(e[k]["round_trip"] for e in results.values() for k in ("fp32", "int8", "int4"))),
     )  # fmt: skip
     return {"parameters": parameters, "files": results, "goals": goals}
 

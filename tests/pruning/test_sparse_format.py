@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from lightning_eff.pruning.sparse_format import (
     save_sparse,
     unpack_bits,
 )
+from lightning_eff.quantization import SCHEMES, convert
+from lightning_eff.quantization.prepare import swap_in_fake_quantized
 
 
 def test_bits_round_trip_for_any_length() -> None:
@@ -66,3 +69,31 @@ def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
     torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match=r"is not a lightning_eff\.sparse/1 file"):
         load_sparse(tmp_path / "plain.pt")
+
+
+def test_a_90_percent_sparse_int4_model_is_stored_at_under_half_its_dense_int4_bytes(tmp_path: Path) -> None:
+    """int4 weights are packed two to a byte; a pruned weight is the nibble 0, so a byte is zero when both of its
+    weights are: at 90% sparsity about 81% of the bytes, and the bitmap costs 1/8 of them."""
+    model = pruned_mlp(0.9)
+    swap_in_fake_quantized(model, ["0", "2"], SCHEMES["int4_weight_only"], 32)
+    quantized = convert(model)
+    state = quantized.state_dict()
+    assert state["0.qweight"].dtype == torch.uint8 and state["0.qweight"].shape == (512, 128)  # two per byte
+    torch.save(state, tmp_path / "dense.pt")
+    save_sparse(quantized, tmp_path / "packed.pt")
+    loaded = load_sparse(tmp_path / "packed.pt")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert torch.equal(load_sparse_into(convert_copy(quantized), tmp_path / "packed.pt")(x), quantized(x))
+    ratio = (tmp_path / "packed.pt").stat().st_size / (tmp_path / "dense.pt").stat().st_size
+    assert ratio < 0.5, ratio  # measured 0.47 (seeded; the scales stay dense)
+
+
+def convert_copy(model: nn.Module) -> nn.Module:
+    """A converted model of the same shapes with its integers wiped, to load a packed file into."""
+    blank = copy.deepcopy(model)
+    with torch.no_grad():
+        for tensor in blank.state_dict().values():
+            tensor.zero_()
+    return blank
