@@ -19,7 +19,7 @@ from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, MaskApplier, Mask
 from lightning_eff.pruning.report import pruning_section
 from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
 from lightning_eff.pruning.structured_shrink import LayerShrink, ShrinkError
-from lightning_eff.pruning.targets import PruningTarget, select
+from lightning_eff.pruning.targets import PruningTarget, check_no_opt_in_layer, select
 from lightning_eff.report import ReportSection
 from lightning_eff.validation import (
     ConfigError,
@@ -202,6 +202,7 @@ class GradualPruning(L.Callback):
             layers = [name for name, module in model.named_modules() if prunable_kind(module) is not None]
             for key, patterns in (("include", self.include), ("exclude", self.exclude)):
                 if patterns:
+                    check_no_opt_in_layer(model, key, patterns)
                     match_globs(layers, patterns, key, "prunable layer")
             if isinstance(model, L.LightningModule):
                 check_selection(model, self.include, self.exclude)  # now, where example_input_array allows

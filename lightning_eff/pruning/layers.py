@@ -11,6 +11,9 @@ Registered here (weight; output dim, input dim; whether n:m applies):
 - ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``: ``weight``; 0, 1; not n:m (2:4 kernels take 2-D weights).
 - ``nn.MultiheadAttention``: the packed ``in_proj_weight`` (rows are the q, k, v outputs); 0, 1; n:m.
 - Hugging Face ``transformers.pytorch_utils.Conv1D`` (weight [in, out]): ``weight``; 1, 0; n:m.
+- ``nn.Embedding`` (weight [tokens, width]): ``weight``; 1, 0; not n:m; *opt-in*: pruned (unstructured) only when
+  `include` names it, since a model's embeddings are a small share of its compute and pruning them changes
+  every token's input.
 
 Lookup follows the module's class hierarchy, so a subclass is pruned like its base unless it has its own
 entry. A MultiheadAttention built with ``kdim``/``vdim`` other than ``embed_dim`` has no packed
@@ -47,6 +50,8 @@ class PrunableKind:
             pruned channel), or None.
         nm: whether ``n:m`` applies to this kind (a weight multiplied as a matrix); with it, a layer is an
             n:m target when its input width is a multiple of M.
+        opt_in: pruned only when `include` names the layer (unstructured granularity); invisible to the
+            default selection and to channel groups.
     """
 
     weight: str = "weight"
@@ -54,6 +59,7 @@ class PrunableKind:
     input_dim: int = 1
     bias: str | None = "bias"
     nm: bool = True
+    opt_in: bool = False
 
     def parameter(self, module: nn.Module) -> torch.Tensor | None:
         """The module's weight to prune, or None when it has none (yet)."""
@@ -78,6 +84,7 @@ def register_prunable(
     input_dim: int = 1,
     bias: str | None = "bias",
     nm: bool = True,
+    opt_in: bool = False,
 ) -> PrunableKind:
     """Make `module_type` (and its subclasses) prunable by GradualPruning; replaces an earlier entry.
 
@@ -94,7 +101,7 @@ def register_prunable(
         raise ValueError(f"register_prunable: weight={weight!r} must be the weight's attribute name")
     if output_dim == input_dim:
         raise ValueError(f"register_prunable: output_dim and input_dim must differ, both are {output_dim}")
-    kind = PrunableKind(weight=weight, output_dim=output_dim, input_dim=input_dim, bias=bias, nm=nm)
+    kind = PrunableKind(weight=weight, output_dim=output_dim, input_dim=input_dim, bias=bias, nm=nm, opt_in=opt_in)
     _KINDS[module_type] = kind
     return kind
 
@@ -123,13 +130,17 @@ def prunable_kinds() -> dict[type[nn.Module], PrunableKind]:
     return dict(_KINDS)
 
 
-def prunable_kind(module: nn.Module) -> PrunableKind | None:
-    """The kind of `module` (the nearest registered class in its hierarchy), or None if it is not prunable."""
+def prunable_kind(module: nn.Module, opt_in: bool = False) -> PrunableKind | None:
+    """The kind of `module` (the nearest registered class in its hierarchy), or None if it is not prunable.
+
+    An opt-in kind (an Embedding) counts only with ``opt_in=True``: where `include` may name it.
+    """
     _register_lazy()
     for cls in type(module).__mro__:
         kind = _KINDS.get(cls)
         if kind is not None:
-            return kind if kind.parameter(module) is not None else None
+            usable = kind.parameter(module) is not None and (opt_in or not kind.opt_in)
+            return kind if usable else None
     return None
 
 
@@ -137,3 +148,4 @@ register_prunable(nn.Linear)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_prunable(_conv, nm=False)
 register_prunable(nn.MultiheadAttention, weight="in_proj_weight", bias="in_proj_bias")
+register_prunable(nn.Embedding, output_dim=1, input_dim=0, bias=None, nm=False, opt_in=True)

@@ -4,13 +4,15 @@ Layers are found through the registry in `layers.py` (Linear, Conv, MultiheadAtt
 Hugging Face's Conv1D, and whatever a user registers). A weight that several names share (tied weights:
 GPT-2's ``lm_head`` and ``wte``, BERT's MLM decoder and word embeddings) is one target with one mask, keyed
 by its canonical name, the one `named_parameters()` gives (the first registered); the other names are its
-aliases. A layer whose weight is shared with a module that is not prunable (an Embedding) is left dense
-unless `include` names it, because pruning it prunes the embedding too.
+aliases. Embeddings are an opt-in kind: pruned (unstructured) only when `include` names them. A layer whose
+weight is shared with one (a head tied to the token embedding) is left dense unless `include` names it,
+because pruning it prunes the embedding too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -70,11 +72,12 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def prunable_layers(model: nn.Module) -> dict[str, tuple[nn.Module, PrunableKind]]:
-    """Every module of `model` with a registered kind and a weight, by qualified name, in `named_modules` order."""
+def prunable_layers(model: nn.Module, opt_in: bool = False) -> dict[str, tuple[nn.Module, PrunableKind]]:
+    """Every module of `model` with a registered kind and a weight, by qualified name, in `named_modules` order
+    (with ``opt_in``, the opt-in kinds too: embeddings)."""
     layers = {}
     for name, module in model.named_modules():
-        kind = prunable_kind(module)
+        kind = prunable_kind(module, opt_in)
         if kind is not None:
             layers[name] = (module, kind)
     return layers
@@ -118,6 +121,17 @@ def coupled_parameters(model: nn.Module, module_name: str) -> tuple[str, ...]:
     return tuple(coupled)
 
 
+def check_no_opt_in_layer(model: nn.Module, key: str, patterns: list[str]) -> None:
+    """For ``channels``: a pattern that names only opt-in layers (embeddings) is a `ConfigError` saying so."""
+    layers = prunable_layers(model, opt_in=True)
+    for pattern in patterns:
+        hits = [name for name in layers if fnmatchcase(name, pattern)]
+        if hits and all(layers[name][1].opt_in for name in hits):
+            kind = type(layers[hits[0]][0]).__name__
+            raise ConfigError(key, pattern, f"names {hits[0]} ({kind}), which is pruned with granularity=unstructured"
+                                            " only: channels come from the model's channel groups")  # fmt: skip
+
+
 def select(
     model: nn.Module,
     granularity: str,
@@ -126,7 +140,7 @@ def select(
     group_size: int | None = None,
 ) -> Selection:
     """The layers to prune, by module-name globs, and the ones left dense on purpose (see `select_targets`)."""
-    layers = prunable_layers(model)
+    layers = prunable_layers(model, opt_in=granularity != "channels")
     available = list(layers)
     names = parameter_names(model)
     canonical = {name: group[0] for group in names.values() for name in group}
@@ -140,7 +154,8 @@ def select(
     def names_of(layer: str) -> list[str]:
         return names.get(id(weight_of(layer)), [_join(layer, layers[layer][1].weight)])
 
-    chosen = match_globs(available, include, "include", "prunable layer") if include else set(available)
+    by_default = {name for name in available if not layers[name][1].opt_in}
+    chosen = match_globs(available, include, "include", "prunable layer") if include else by_default
     excluded = match_globs(available, exclude, "exclude", "prunable layer") if exclude else set()
     if chosen and chosen <= excluded:
         raise ConfigError("exclude", exclude, f"leaves no layer to prune; layers: {', '.join(available)}")
@@ -162,12 +177,13 @@ def select(
         for layer in sorted(chosen):
             module, kind = layers[layer]
             if not kind.nm:
-                unfit[layer] = f"a {type(module).__name__}: n:m is for matrix weights ({NM_KINDS})"
+                kind_name = type(module).__name__
+                unfit[layer] = f"it is a {kind_name}; n:m is for weights multiplied as matrices ({NM_KINDS})"
             elif kind.input_width(module) % group_size:
                 unfit[layer] = f"input width {kind.input_width(module)} is not a multiple of M={group_size}"
         if include and unfit:
             layer = next(iter(unfit))
-            rule = f"is not a Linear layer whose input width is a multiple of M={group_size} ({unfit[layer]})"
+            rule = f"cannot be pruned n:m with M={group_size}: {unfit[layer]}"
             raise ConfigError("include", layer, rule)
         left_dense.update(unfit)
         chosen -= set(unfit)
@@ -206,9 +222,10 @@ def select_targets(
     """The layers to prune, by module-name globs.
 
     By default every prunable layer (`layers.py`: Linear, Conv, MultiheadAttention's in_proj, HF Conv1D, and
-    registered kinds) except one whose weight is tied to a module that is not prunable (a head tied to an
-    embedding: `include` it to prune both, once); ``channels`` is selected by group instead, from the model's
-    graph (`GradualPruning` with `group_plan`: a classifier head's rows reach the output and stay); for
+    registered kinds) but the opt-in kinds (embeddings: `include` names them) and a layer whose weight is tied
+    to an opt-in or unregistered module (a head tied to an embedding: `include` it to prune both, once);
+    ``channels`` is selected by group instead, from the model's graph (`GradualPruning` with `group_plan`: a
+    classifier head's rows reach the output and stay); for
     ``n:m``, the layers of an n:m kind whose input width is a multiple of M. A weight shared by several chosen
     layers is one target. An include or exclude pattern that matches nothing is an error listing the layers.
     """

@@ -190,7 +190,7 @@ def test_include_and_exclude_must_match_and_errors_list_the_layers() -> None:
         GradualPruning(exclude=["head"]).check_model(model)
     targets = GradualPruning(exclude=["net.7"]).check_model(model)
     assert [t.module for t in targets] == ["net.1", "net.4"]
-    with pytest.raises(ConfigError, match="not a Linear layer whose input width is a multiple of M=8"):
+    with pytest.raises(ConfigError, match="cannot be pruned n:m with M=8: input width 60 is not a multiple of M=8"):
         GradualPruning(granularity="n:m", pattern="6:8", target_sparsity=0.8, include=["net.*"]).check_model(
             DigitsMLP(hidden_sizes=[60])
         )

@@ -31,7 +31,7 @@ def restore_registry() -> Iterator[None]:
     for module_type in set(prunable_kinds()) - set(before):
         unregister_prunable(module_type)
     for module_type, kind in before.items():
-        register_prunable(module_type, kind.weight, kind.output_dim, kind.input_dim, kind.bias, kind.nm)
+        register_prunable(module_type, kind.weight, kind.output_dim, kind.input_dim, kind.bias, kind.nm, kind.opt_in)
 
 
 def test_the_registry_knows_linear_conv_attention_and_hf_conv1d() -> None:
@@ -43,6 +43,8 @@ def test_the_registry_knows_linear_conv_attention_and_hf_conv1d() -> None:
     assert prunable_kind(nn.Conv2d(3, 8, 3)) == PrunableKind(nm=False)
     assert prunable_kind(Conv1D(8, 4)) == PrunableKind(output_dim=1, input_dim=0)  # weight [in=4, out=8]
     assert prunable_kind(nn.Embedding(10, 4)) is None and prunable_kind(nn.LayerNorm(4)) is None
+    embedding = PrunableKind(output_dim=1, input_dim=0, bias=None, nm=False, opt_in=True)
+    assert prunable_kind(nn.Embedding(10, 4), opt_in=True) == embedding  # only where `include` may name it
     assert prunable_kind(nn.LazyLinear(4)) is None  # nothing to prune until its first forward
 
 
@@ -79,7 +81,7 @@ def test_masks_follow_a_transposed_layout() -> None:
 
 def test_a_conv_registered_for_n_m_groups_along_its_input_channels(restore_registry: None) -> None:
     model = nn.Sequential(nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ConfigError, match=r"include=0: is not a Linear layer whose input width is a multiple of M=4"):
+    with pytest.raises(ConfigError, match=r"include=0: cannot be pruned n:m with M=4: it is a Conv2d"):
         select_targets(model, "n:m", include=["0"], group_size=4)
     register_prunable(nn.Conv2d, nm=True)
     (target,) = select_targets(model, "n:m", include=["0"], group_size=4)

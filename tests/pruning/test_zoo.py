@@ -180,6 +180,24 @@ def test_an_included_tied_head_is_pruned_once_with_one_mask_for_both_names(name:
     assert next(row for row in section.rows if row["layer"] == embedding)["tied_to"] == head_weight
 
 
+@pytest.mark.parametrize(("name", "embedding"), [("llama", "model.model.embed_tokens"),
+                                                  ("gpt2", "model.transformer.wpe"),
+                                                  ("bert", "model.embeddings.word_embeddings")])  # fmt: skip
+def test_an_embedding_is_pruned_only_when_included(name: str, embedding: str, tmp_path: Path) -> None:
+    default = GradualPruning(target_sparsity=0.6, update_every=2)
+    fit_zoo(name, default, tmp_path / "default", max_steps=2)
+    assert embedding not in [t.module for t in default.targets]  # opt-in: dense unless named
+    callback = GradualPruning(target_sparsity=0.6, scope="layer", update_every=2, include=[embedding, "*.0.*"])
+    task, trainer = fit_zoo(name, callback, tmp_path / "included")
+    table = task.state_dict()[f"{embedding}.weight"]
+    assert int((table == 0).sum()) == round(0.6 * table.numel())
+    rows = callback.report_section(trainer, tmp_path).rows
+    assert any(row["layer"] == f"{embedding}.weight" for row in rows)
+    for granularity, extra in (("n:m", {"pattern": "2:4"}), ("channels", {})):
+        with pytest.raises(ConfigError, match=r"^include=.*(it is a Embedding|\(Embedding\), which is pruned)"):
+            GradualPruning(granularity=granularity, include=[embedding], **extra).check_model(ZooTask(name))
+
+
 # --- lifecycle --------------------------------------------------------------------------------------------
 
 
