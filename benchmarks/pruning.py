@@ -62,11 +62,13 @@ from harness import (
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_eff.pruning import GradualPruning
 from lightning_eff.pruning.masks import zero_fraction
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
+from lightning_eff.tasks.loading import split_sizes
+from lightning_eff.tasks.text import corpus_bytes
 
 PARTS = ("mlp", "gpt", "overhead", "channels", "gpu", "structured", "torch_pruning", "packed")
 VARIANTS = ("dense", "model_pruning", "ours")
@@ -104,6 +106,8 @@ class Plan:
     bert_hidden: int
     bert_layers: int
     bert_seq: int
+    bert_steps: int  # masked-byte training steps per variant (6c)
+    bert_batch: int  # windows of bert_seq bytes per step (6c)
     packed_width: int  # hidden width of the digits MLP whose state_dict is saved
 
 
@@ -133,6 +137,8 @@ FULL = Plan(
     bert_hidden=128,
     bert_layers=4,
     bert_seq=64,
+    bert_steps=200,
+    bert_batch=32,
     packed_width=1024,
 )
 QUICK = Plan(
@@ -159,6 +165,8 @@ QUICK = Plan(
     bert_hidden=64,
     bert_layers=2,
     bert_seq=32,
+    bert_steps=100,
+    bert_batch=32,
     packed_width=256,
 )
 
@@ -489,12 +497,13 @@ def resnet(plan: Plan, seed: int) -> nn.Module:
     return zoo().ResNet(width=plan.structured_width).eval()
 
 
-def bert(plan: Plan, seed: int) -> nn.Module:
+def bert(plan: Plan, seed: int, vocab_size: int | None = None) -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=zoo().VOCAB, hidden_size=plan.bert_hidden, num_hidden_layers=plan.bert_layers,
-                        num_attention_heads=4, intermediate_size=4 * plan.bert_hidden,
-                        max_position_embeddings=plan.bert_seq, hidden_dropout_prob=0.0,
+    config = BertConfig(vocab_size=vocab_size or zoo().VOCAB, hidden_size=plan.bert_hidden,
+                        num_hidden_layers=plan.bert_layers, num_attention_heads=4,
+                        intermediate_size=4 * plan.bert_hidden, max_position_embeddings=plan.bert_seq,
+                        hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)  # fmt: skip
     torch.manual_seed(seed)
     return BertModel(config, add_pooling_layer=False).eval()
@@ -658,6 +667,121 @@ def structured_accuracy(plan: Plan, seed: int) -> dict[str, Any]:
     return {"accuracy_pct": accuracy_pct, "nonzero_parameters": nonzero, "unstructured_weight_sparsity": sparsity,
             "masked_vs_shrunk_difference": difference, "train_images": len(train[1]),
             "test_images": len(test[1])}  # fmt: skip
+
+
+MASK_SHARE = 0.15  # share of the bytes of a window that are masked and predicted
+MASK_TOKEN = 256  # one past the byte values
+
+
+def masked_windows(data: torch.Tensor, starts: torch.Tensor, seq: int, seed: int) -> TensorDataset:
+    """Windows of `seq` bytes at `starts`, `MASK_SHARE` of the positions drawn (seeded) and replaced by
+    `MASK_TOKEN`; the targets are the bytes there and -100 (ignored by cross-entropy) elsewhere."""
+    windows = data[starts[:, None] + torch.arange(seq)].long()
+    masked = torch.rand(windows.shape, generator=torch.Generator().manual_seed(seed)) < MASK_SHARE
+    return TensorDataset(windows.masked_fill(masked, MASK_TOKEN), windows.masked_fill(~masked, -100))
+
+
+def masked_text(plan: Plan, seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """The `pydoc_data` help text split as `TextDataModule` splits it: every training batch drawn up front
+    (random offsets in the first 90%, so every variant sees the same batches in the same order) and the
+    non-overlapping windows of the last 5% as the held-out test set, both masked with fixed seeds."""
+    data = corpus_bytes()
+    n_train, n_val, _ = split_sizes(len(data), 0.05, 0.05)
+    windows = plan.bert_steps * plan.bert_batch
+    starts = torch.randint(0, n_train - plan.bert_seq + 1, (windows,), generator=torch.Generator().manual_seed(seed))
+    test_starts = torch.arange(n_train + n_val, len(data) - plan.bert_seq + 1, plan.bert_seq)
+    return masked_windows(data, starts, plan.bert_seq, seed), masked_windows(data, test_starts, plan.bert_seq, 1234)
+
+
+class MaskedBytesBert(L.LightningModule):
+    """`bert(plan, seed)` over bytes plus a Linear head that predicts the masked bytes: an encoder's task on real
+    text, trained by Lightning so GradualPruning prunes it as it would a user's model."""
+
+    def __init__(self, plan: Plan, seed: int) -> None:
+        super().__init__()
+        self.encoder = bert(plan, seed, vocab_size=MASK_TOKEN + 1)
+        self.head = nn.Linear(plan.bert_hidden, MASK_TOKEN)  # initialised from the RNG state `bert` seeded
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids=input_ids).last_hidden_state)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tokens, targets = batch
+        return F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=2e-3, weight_decay=1e-4)
+
+
+class FixedBatches(L.LightningDataModule):
+    """Training batches in the order drawn (`masked_text`), so every variant trains on the same ones."""
+
+    def __init__(self, train: TensorDataset, batch_size: int) -> None:
+        super().__init__()
+        self.train, self.batch_size = train, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=False)
+
+
+@torch.inference_mode()
+def masked_scores(model: nn.Module, test: TensorDataset) -> tuple[float, float, torch.Tensor]:
+    """Accuracy % and mean cross-entropy over the masked bytes of `test`, and all the logits (for comparing)."""
+    model.eval()
+    logits = torch.cat([model(tokens) for tokens, _ in DataLoader(test, batch_size=128)])
+    targets = test.tensors[1]
+    chosen = targets != -100
+    correct = (logits.argmax(-1) == targets)[chosen].float().mean()
+    return 100 * float(correct), float(F.cross_entropy(logits[chosen], targets[chosen])), logits
+
+
+def bert_text_accuracy(plan: Plan, seed: int) -> dict[str, Any]:
+    """Dense, structured (GradualPruning channels at 50%, then `shrink`) and unstructured (GradualPruning global,
+    same nonzero count as the shrunk model's parameters) BERTs trained on masked bytes with the same batches."""
+    train, test = masked_text(plan, seed)
+    update_every = max(1, plan.bert_steps // 40)
+    accuracy_pct: dict[str, float] = {}
+    loss: dict[str, float] = {}
+    nonzero: dict[str, int] = {}
+    fit_s: dict[str, float] = {}
+
+    def train_variant(variant: str, callbacks: list[L.Callback]) -> MaskedBytesBert:
+        L.seed_everything(seed, verbose=False)
+        model = MaskedBytesBert(plan, seed)
+        fit_s[variant] = fit(model, FixedBatches(train, plan.bert_batch), callbacks, max_steps=plan.bert_steps)[1]
+        return model
+
+    def score(variant: str, model: nn.Module) -> torch.Tensor:
+        accuracy_pct[variant], loss[variant], logits = masked_scores(model, test)
+        nonzero[variant] = sum(int(p.count_nonzero()) for p in model.parameters())
+        progress(f"  BERT {variant}: {accuracy_pct[variant]:.2f}%, loss {loss[variant]:.4f}")
+        return logits
+
+    score("dense", train_variant("dense", []))
+    structured = GradualPruning(target_sparsity=CHANNEL_SPARSITY, granularity="channels", scope="layer",
+                                update_every=update_every)  # fmt: skip
+    model = train_variant("structured", [structured])
+    shrunk, _ = structured.shrink(model)
+    masked_logits = score("structured (masked)", model)
+    shrunk_logits = score("structured (shrunk)", shrunk)
+    nonzero["structured (shrunk)"] = parameter_count(shrunk)
+    fit_s["structured (masked)"] = fit_s["structured (shrunk)"] = fit_s.pop("structured")
+    assert structured.plan is not None
+    groups = [f"{g.kind}:{g.size}" for g in structured.plan.groups]
+
+    model = MaskedBytesBert(plan, seed)
+    targets = GradualPruning().check_model(model)
+    weights = [name for t in targets for name in (t.weight, *t.coupled)]
+    parameters = dict(model.named_parameters())
+    total = sum(parameters[name].numel() for name in weights)
+    sparsity = 1 - (nonzero["structured (shrunk)"] - (parameter_count(model) - total)) / total
+    pruner = GradualPruning(target_sparsity=sparsity, update_every=update_every, scope="global")
+    score("unstructured", train_variant("unstructured", [pruner]))
+    return {"accuracy_pct": accuracy_pct, "loss": loss, "nonzero_parameters": nonzero, "fit_s": fit_s,
+            "unstructured_weight_sparsity": sparsity, "unstructured_layers": [t.module for t in targets],
+            "groups": groups, "masked_vs_shrunk_difference": output_difference(masked_logits, shrunk_logits),
+            "train_windows": len(train), "test_windows": len(test), "masked_test_bytes":
+            int((test.tensors[1] != -100).sum()), "update_every": update_every}  # fmt: skip
 
 
 def run_structured(plan: Plan, seed: int) -> dict[str, Any]:

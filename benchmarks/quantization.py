@@ -85,7 +85,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_eff.quantization import SCHEMES, QuantizationAwareTraining, QuantScheme, convert
-from lightning_eff.quantization.convert import load_quantized, quantized_layers, save_quantized, weight_bytes
+from lightning_eff.quantization.convert import quantized_layers, weight_bytes
+from lightning_eff.quantization.export import load_quantized, save_quantized
 from lightning_eff.quantization.prepare import select_layers, swap_in_fake_quantized
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
 

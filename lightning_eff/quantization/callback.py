@@ -15,7 +15,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_eff.distributed import destroy_process_group_at_exit
-from lightning_eff.quantization.convert import convert, save_quantized, weight_bytes
+from lightning_eff.quantization.convert import convert, weight_bytes
+from lightning_eff.quantization.export import save_quantized
 from lightning_eff.quantization.measure import evaluate_test_set, inference_seconds
 from lightning_eff.quantization.prepare import LayerPlan, plan_layers, set_fake_quantize, swap_in_fake_quantized
 from lightning_eff.quantization.schemes import SCHEMES
