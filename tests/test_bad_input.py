@@ -91,7 +91,7 @@ PYTHON_API: list[tuple[Callable[..., object], dict[str, Any], str]] = [
         "export_path=model.pt2: needs convert_on_fit_end=true",
     ),
     (quantize_mlp, {"exclude": ["*"]}, f"exclude=[*]: leaves no layer to quantize; {MLP_LAYERS}"),
-    (quantize_mlp, {"include": "*query"}, f"include=*query: matches no Linear layer; {MLP_LAYERS}"),
+    (quantize_mlp, {"include": "*query"}, f"include=*query: matches no quantizable layer; {MLP_LAYERS}"),
     (
         quantize_mlp,
         {"scheme": "int4_weight_only", "group_size": 48},
@@ -207,7 +207,10 @@ APP: list[tuple[list[str], str]] = [
         ["quantization=int8_dynamic", "quantization.exclude=[*]"],
         "quantization.exclude=[*]: leaves no layer to quantize",
     ),
-    (["quantization=int8_dynamic", "quantization.include=*query"], "quantization.include=*query: matches no Linear"),
+    (
+        ["quantization=int8_dynamic", "quantization.include=*query"],
+        "quantization.include=*query: matches no quantizable layer",
+    ),
     (
         ["quantization=int8_dynamic", "quantization.convert_on_fit_end=false", "quantization.export_path=m.pt2"],
         "quantization.export_path=m.pt2: needs convert_on_fit_end=true",

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import activation_integers, activation_qparams, quantize_weight
 from lightning_eff.quantization.prepare import (
     FAKE_QUANTIZED,
@@ -167,30 +168,102 @@ class QuantizedLinear(nn.Module):
         )
 
 
+class QuantizedEmbedding(nn.Module):
+    """An Embedding that holds its table as integers and scales, and dequantizes only the rows it looks up.
+
+    Buffers: ``qweight`` (int8 [tokens, width], or uint8 [tokens, width/2] with two int4 per byte) and
+    ``scales`` (float32 [tokens, groups]), the layout of `QuantizedLinear`, so a head tied to the embedding
+    shares the very tensors. The lookup returns float32 rows: the weights the fake-quantized model trained with.
+    """
+
+    qweight: Tensor
+    scales: Tensor
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, group_size: int | None,
+        padding_idx: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.scheme, self.group_size = scheme, group_size
+        packed_width = embedding_dim // 2 if scheme.weight_bits == 4 else embedding_dim
+        dtype = torch.uint8 if scheme.weight_bits == 4 else torch.int8
+        groups = 1 if group_size is None else embedding_dim // group_size
+        self.register_buffer("qweight", torch.zeros(num_embeddings, packed_width, dtype=dtype))
+        self.register_buffer("scales", torch.ones(num_embeddings, groups))
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.num_embeddings
+
+    @classmethod
+    def from_fake_quantized(cls, layer: FakeQuantizedEmbedding) -> QuantizedEmbedding:
+        """Round the table exactly as the fake quantizer rounds its rows, and store the integers."""
+        quantized = cls(layer.num_embeddings, layer.embedding_dim, layer.scheme, layer.group_size, layer.padding_idx)
+        weight = layer.weight.detach().contiguous()
+        integers, scales = quantize_weight(weight, layer.scheme.weight_bits, layer.group_size)
+        quantized.qweight = pack_int4(integers) if layer.scheme.weight_bits == 4 else integers
+        quantized.scales = scales
+        return quantized.to(weight.device)
+
+    def forward(self, input: Tensor) -> Tensor:
+        rows = self.qweight[input]
+        integers = unpack_int4(rows) if self.scheme.weight_bits == 4 else rows
+        scales = self.scales[input]
+        grouped = integers.reshape(*integers.shape[:-1], scales.shape[-1], -1).float() * scales.unsqueeze(-1)
+        return grouped.reshape(*input.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name} (weight-only), "
+                f"group_size={self.group_size}")  # fmt: skip
+
+
+QUANTIZED: tuple[type[nn.Module], ...] = (QuantizedLinear, QuantizedEmbedding)
+"""The layer kinds `convert` produces."""
+
+
+def _quantized(layer: nn.Module) -> QuantizedLinear | QuantizedEmbedding:
+    if isinstance(layer, FakeQuantizedEmbedding):
+        return QuantizedEmbedding.from_fake_quantized(layer)
+    return QuantizedLinear.from_fake_quantized(layer)  # type: ignore[arg-type]
+
+
 def convert(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every fake-quantized layer replaced by a `QuantizedLinear`, in eval mode.
+    """A copy of `model` with every fake-quantized layer replaced by a `QuantizedLinear` (or `QuantizedEmbedding`).
+
+    In eval mode. A weight shared by several layers (a head tied to its embedding) is stored once: the
+    converted layers hold the same integer tensors.
 
     `nn.TransformerEncoderLayer`s holding one stay off their fused fast path (`keep_off_fused_paths`), so the
     copy runs in eval, under `no_grad` and under `inference_mode`.
     """
     converted = copy.deepcopy(model).eval()
-    by_weight: dict[int, QuantizedLinear] = {}  # tied layers (one weight Parameter) are quantized once
+    by_weight: dict[int, QuantizedLinear | QuantizedEmbedding] = {}  # tied layers (one weight) are quantized once
     for name, module in list(converted.named_modules()):
         if isinstance(module, FAKE_QUANTIZED):
             parent_name, _, child = name.rpartition(".")
-            layer = QuantizedLinear.from_fake_quantized(module)  # type: ignore[arg-type]
+            layer = _quantized(module)
             tied = by_weight.setdefault(id(module.weight), layer)
             if tied is not layer and torch.equal(tied.qweight, layer.qweight):
                 layer.qweight, layer.scales = tied.qweight, tied.scales  # stay tied: the same integer tensors
             setattr(converted.get_submodule(parent_name), child, layer)
-    keep_off_fused_paths(converted, (QuantizedLinear,))
+    keep_off_fused_paths(converted, QUANTIZED)
     for parameter in converted.parameters():
         parameter.requires_grad_(False)
     return converted
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear | QuantizedEmbedding]:
+    """Every converted layer of `model` by qualified name (a tied pair appears under both names)."""
+    found: dict[str, QuantizedLinear | QuantizedEmbedding] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            found[name] = module
+    return found
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Which Linear (and HF Conv1D) layers a QAT run quantizes, and the fake-quantized layers that replace them."""
+"""Which layers a QAT run quantizes (Linear, HF Conv1D, Embedding), and the fake-quantized layers that replace them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import fake_quantize_activation, fake_quantize_weight
 from lightning_eff.quantization.schemes import QuantScheme
 from lightning_eff.validation import ConfigError, match_globs
@@ -104,8 +105,9 @@ class FakeQuantizedConv1D(nn.Module):
         return f"nx={self.nx}, nf={self.nf}, scheme={self.scheme.name}, group_size={self.group_size}"
 
 
-FAKE_QUANTIZED: tuple[type[nn.Module], ...] = (FakeQuantizedLinear, FakeQuantizedConv1D)
-"""The fake-quantized layer kinds `swap_in_fake_quantized` creates and `convert` turns into `QuantizedLinear`."""
+FAKE_QUANTIZED: tuple[type[nn.Module], ...] = (FakeQuantizedLinear, FakeQuantizedConv1D, FakeQuantizedEmbedding)
+"""The fake-quantized layer kinds `swap_in_fake_quantized` creates and `convert` turns into real low-bit ones."""
+FAKE_LINEAR: tuple[type[nn.Module], ...] = (FakeQuantizedLinear, FakeQuantizedConv1D)
 
 
 def _hf_conv1d() -> type | None:
@@ -119,10 +121,15 @@ def _is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and type(module) is conv1d
 
 
-def _quantizable(module: nn.Module) -> bool:
+def _quantizable_linear(module: nn.Module) -> bool:
     # Exactly nn.Linear (or HF Conv1D): subclasses such as MultiheadAttention's out_proj are read by their owner,
     # not called.
-    return type(module) is nn.Linear or isinstance(module, FAKE_QUANTIZED) or _is_conv1d(module)
+    return type(module) is nn.Linear or isinstance(module, FAKE_LINEAR) or _is_conv1d(module)
+
+
+def _quantizable(module: nn.Module) -> bool:
+    """A layer the plan may select: a Linear-like layer or an `nn.Embedding` (exactly: no subclasses)."""
+    return _quantizable_linear(module) or type(module) in (nn.Embedding, FakeQuantizedEmbedding)
 
 
 def _in_features(module: nn.Module) -> int:
@@ -152,7 +159,7 @@ def find_output_head(model: nn.Module, example: tuple[tuple[Any, ...], dict[str,
     module with parameters of its own when that is a quantizable layer (a final LayerNorm, as in BERT's
     encoder, means no head).
     """
-    layers = {name: module for name, module in model.named_modules() if name and _quantizable(module)}
+    layers = {name: module for name, module in model.named_modules() if name and _quantizable_linear(module)}
     if not layers:
         return None
     if example is not None:
@@ -214,7 +221,7 @@ class LayerPlan:
 def _unsupported(model: nn.Module) -> dict[str, str]:
     reasons: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.EmbeddingBag)):
             reasons[name] = f"{type(module).__name__} not supported yet"
         elif isinstance(module, nn.MultiheadAttention):
             reasons[f"{name}.in_proj_weight" if name else "in_proj_weight"] = (
@@ -235,29 +242,39 @@ def plan_layers(
     example: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> LayerPlan:
     """`select_layers` with its reasons: the head (`find_output_head`) and every skipped layer."""
-    linears = [name for name, module in model.named_modules() if name and _quantizable(module)]
-    if not linears:
-        raise ConfigError("include", include, "the model has no nn.Linear (or HF Conv1D) layer to quantize")
+    candidates = [name for name, module in model.named_modules() if name and _quantizable(module)]
+    if not candidates:
+        raise ConfigError("include", include, "the model has no nn.Linear, HF Conv1D or nn.Embedding to quantize")
+    linear = {name for name in candidates if _quantizable_linear(model.get_submodule(name))}
     head = find_output_head(model, example)
     skipped = _unsupported(model)
     only_head = False
     if include:
-        chosen = match_globs(linears, include, "include", "Linear layer")
+        chosen = match_globs(candidates, include, "include", "quantizable layer")
     else:
-        chosen = set(linears) - {head}
+        chosen = set(candidates) - {head}
         if head is not None:
             skipped[head] = "output head (excluded by default: rounding the logits costs the most accuracy)"
-        if not chosen:  # the head is the only Linear (a CNN): quantize it rather than nothing, and say so
-            chosen, only_head = set(linears), True
-            skipped.pop(head or "", None)
+        for name in sorted(chosen - linear):  # embeddings it cannot take are skipped, not an error, by default
+            problem = _embedding_problem(model, name, head, chosen, scheme, group_size)
+            if problem:
+                skipped[name] = problem
+                chosen.discard(name)
+        if not chosen & linear and head is not None:  # the head is the only Linear (a CNN): quantize it, and say so
+            chosen, only_head = chosen | {head}, True
+            skipped.pop(head, None)
     if exclude:
-        excluded = match_globs(linears, exclude, "exclude", "Linear layer")
+        excluded = match_globs(candidates, exclude, "exclude", "quantizable layer")
         for name in excluded & chosen:
             skipped[name] = "excluded"
         chosen -= excluded
     if not chosen:
-        raise ConfigError("exclude", exclude, f"leaves no layer to quantize; layers: {', '.join(linears)}")
-    selected = [name for name in linears if name in chosen]
+        raise ConfigError("exclude", exclude, f"leaves no layer to quantize; layers: {', '.join(candidates)}")
+    selected = [name for name in candidates if name in chosen]
+    for name in [name for name in selected if name not in linear]:
+        problem = _embedding_problem(model, name, head, chosen, scheme, group_size)
+        if problem:
+            raise ConfigError("include", name, f"cannot be quantized: {problem}")
     if scheme.grouped:
         for name in selected:
             width = _in_features(model.get_submodule(name))
@@ -267,8 +284,28 @@ def plan_layers(
                                   f"(exclude it, or pick a divisor of {width})")  # fmt: skip
     embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     weights = {name: id(model.get_submodule(name).get_parameter("weight")) for name in selected}
-    tied = {name: embeddings[weight] for name, weight in weights.items() if weight in embeddings}
+    tied = {name: embeddings[weight] for name, weight in weights.items()
+            if weight in embeddings and embeddings[weight] not in chosen}  # fmt: skip
     return LayerPlan(selected, head, skipped, only_head=only_head, tied_to_float=tied)
+
+
+def _embedding_problem(
+    model: nn.Module, name: str, head: str | None, chosen: set[str], scheme: QuantScheme, group_size: int
+) -> str | None:
+    """Why embedding `name` cannot be quantized in this plan, or None when it can."""
+    embedding = model.get_submodule(name)
+    assert isinstance(embedding, nn.Embedding)
+    if embedding.max_norm is not None:
+        return "max_norm renormalizes the table in place on every lookup; not supported"
+    if (
+        head is not None
+        and head not in chosen
+        and embedding.weight is model.get_submodule(head).get_parameter("weight")
+    ):
+        return f"its weight is the output head {head}'s, which stays float (include both to quantize them once)"
+    if scheme.grouped and embedding.embedding_dim % group_size:
+        return f"its width {embedding.embedding_dim} is not a multiple of group_size={group_size}"
+    return None
 
 
 def select_layers(
@@ -279,10 +316,11 @@ def select_layers(
     exclude: list[str] | None = None,
     example: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> list[str]:
-    """The qualified names of the Linear (and HF Conv1D) layers to quantize.
+    """The qualified names of the Linear, HF Conv1D and Embedding layers to quantize.
 
     By default every one but the output head (`find_output_head`: the layer whose output is the model's
-    output, found by one forward on `example` when given, else from the structure): the logits are where
+    output, found by one forward on `example` when given, else from the structure) and an embedding whose
+    table is the head's weight (a tied head stays float, and so does its table): the logits are where
     rounding costs the most accuracy for the fewest bytes. A model whose only Linear is the head (a CNN)
     quantizes the head. `include` selects layers explicitly (then nothing is excluded by default); `exclude`
     removes layers. For grouped schemes every selected layer's input width must be a multiple of `group_size`.
@@ -291,7 +329,9 @@ def select_layers(
 
 
 def swap_in_fake_quantized(model: nn.Module, names: list[str], scheme: QuantScheme, group_size: int) -> None:
-    """Replace each named Linear (or HF Conv1D) by its fake-quantized twin holding the same Parameters (idempotent).
+    """Replace each named Linear, HF Conv1D or Embedding by its fake-quantized twin holding the same Parameters.
+
+    Idempotent: a layer already fake-quantized stays as it is.
 
     `nn.TransformerEncoderLayer`s holding a swapped layer are kept off their fused inference fast path (which
     reads ``linear1.weight`` and friends directly and would run the float weights): see `keep_off_fused_paths`.
@@ -304,6 +344,8 @@ def swap_in_fake_quantized(model: nn.Module, names: list[str], scheme: QuantSche
         swapped: nn.Module
         if isinstance(layer, nn.Linear):
             swapped = FakeQuantizedLinear.from_linear(layer, scheme, group_size)
+        elif isinstance(layer, nn.Embedding):
+            swapped = FakeQuantizedEmbedding.from_embedding(layer, scheme, group_size)
         else:
             assert _is_conv1d(layer), f"{name} is a {type(layer).__name__}"
             swapped = FakeQuantizedConv1D.from_conv1d(layer, scheme, group_size)
@@ -345,6 +387,7 @@ def restore_float_modules(model: nn.Module) -> nn.Module:
 
     The way back from QAT to a float model (for `pruning.export.shrink`, `torch.export`, or more float
     training): a `FakeQuantizedLinear` becomes an `nn.Linear`, a `FakeQuantizedConv1D` Hugging Face's `Conv1D`,
+    a `FakeQuantizedEmbedding` an `nn.Embedding`,
     each holding the same `weight` and `bias` Parameters (same objects, same names), so optimizers, masks and
     checkpoints are unaffected. Changes `model` in place and returns it (or the new layer when `model` itself
     is fake-quantized).
@@ -352,6 +395,12 @@ def restore_float_modules(model: nn.Module) -> nn.Module:
 
     def plain(layer: nn.Module) -> nn.Module:
         restored: nn.Module
+        if isinstance(layer, FakeQuantizedEmbedding):
+            restored = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device="meta",
+                                    scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)  # fmt: skip
+            restored.weight = layer.weight
+            restored.train(layer.training)
+            return restored
         if isinstance(layer, FakeQuantizedConv1D):
             conv1d = _hf_conv1d()
             assert conv1d is not None  # a FakeQuantizedConv1D was made from one

@@ -53,7 +53,7 @@ def test_bad_quantization_values_name_the_key(overrides: list[str], message: str
         ),
         (
             ["quantization.include=[encoder.*]"],
-            "quantization.include=encoder.*: matches no Linear layer; layers: net.1, net.4, net.7",
+            "quantization.include=encoder.*: matches no quantizable layer; layers: net.1, net.4, net.7",
         ),
     ],
 )

@@ -2,7 +2,8 @@
 
 Every zoo model is trained for a few steps with each scheme and converted: the quantized layers shrink as the
 scheme promises, the converted model agrees with the fake-quantized one and runs in eval, under `no_grad` and
-under `inference_mode`, and the report says what was skipped (convolutions and embeddings, for now).
+under `inference_mode`, and the report says what was skipped (convolutions, MultiheadAttention's fused weights and
+an embedding tied to the float head, for now).
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_eff.quantization import QuantizationAwareTraining, QuantizedLinear
-from lightning_eff.quantization.convert import convert, weight_bytes
+from lightning_eff.quantization.convert import QUANTIZED, QuantizedEmbedding, convert, weight_bytes
+from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
+from lightning_eff.quantization.fake_quant import fake_quantize_weight
 from lightning_eff.quantization.prepare import (
+    FAKE_QUANTIZED,
     FakeQuantizedConv1D,
     FakeQuantizedLinear,
     find_output_head,
     plan_layers,
+    restore_float_modules,
     set_fake_quantize,
     swap_in_fake_quantized,
 )
 from lightning_eff.quantization.schemes import SCHEMES
+from lightning_eff.validation import ConfigError
 from tests.zoo.models import ZOO, ZOO_BY_NAME, ZooBatches, ZooTask, build, logits_of
 
 QUIET: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
@@ -37,16 +43,17 @@ QUIET: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_progress
 GROUP = 32  # divides every zoo layer's input width; 16 would put int4's scales over 1/6 of fp32 at width 32
 SIZE_BOUND = {4: 1 / 6, 8: 1 / 3.5}
 
-# per zoo model: the output head, how many layers are quantized, and module kinds the report must skip
+TIED_TABLE = "its weight is the output head"
+# per zoo model: the output head, how many layers are quantized (embeddings among them), what the report must skip
 EXPECTED: dict[str, tuple[str | None, int, tuple[str, ...]]] = {
-    "gpt2": ("lm_head", 8, ("Embedding",)),
-    "bert": (None, 12, ("Embedding",)),
-    "bert_mlm": ("cls.predictions.decoder", 13, ("Embedding",)),
-    "llama_tied": ("lm_head", 14, ("Embedding",)),
-    "llama": ("lm_head", 14, ("Embedding",)),
+    "gpt2": ("lm_head", 9, (f"transformer.wte: {TIED_TABLE}",)),  # 8 Conv1D and wpe; wte is the float head's
+    "bert": (None, 15, ()),  # 12 Linear, word/position/token-type embeddings
+    "bert_mlm": ("cls.predictions.decoder", 15, (f"word_embeddings: {TIED_TABLE}",)),
+    "llama_tied": ("lm_head", 14, (f"embed_tokens: {TIED_TABLE}",)),
+    "llama": ("lm_head", 15, ()),
     "resnet": ("fc", 1, ("Conv2d",)),  # the head is all there is to quantize: it is, with a warning
     "vit": ("head", 8, ("Conv2d",)),
-    "transformer_encoder": ("head", 4, ("Embedding", "out_proj", "in_proj_weight")),
+    "transformer_encoder": ("head", 5, ("out_proj", "in_proj_weight")),
     "depthwise_cnn": ("classifier", 1, ("Conv2d",)),
 }
 
@@ -95,12 +102,12 @@ def test_every_zoo_model_trains_fake_quantized_and_converts(entry: Any, scheme: 
     name = entry.name
     head, count, skipped_kinds = EXPECTED[name]
     task, callback, warned = fit(name, scheme)
-    fake_layers = [m for m in task.model.modules() if isinstance(m, (FakeQuantizedLinear, FakeQuantizedConv1D))]
+    fake_layers = [m for m in task.model.modules() if isinstance(m, FAKE_QUANTIZED)]
     assert len(callback.layers) == len(fake_layers) == count
     assert callback.head == (None if head is None else f"model.{head}")  # ZooTask holds the zoo model as .model
     head = callback.head
     if name == "gpt2":
-        assert all(isinstance(m, FakeQuantizedConv1D) for m in fake_layers)
+        assert sum(isinstance(m, FakeQuantizedConv1D) for m in fake_layers) == 8
     if count == 1:  # the head alone: said loudly at setup
         assert callback.layers == [head] and any("only layer" in w for w in warned)
     elif head is not None:
@@ -110,7 +117,7 @@ def test_every_zoo_model_trains_fake_quantized_and_converts(entry: Any, scheme: 
 
     converted = callback.quantized_model
     assert isinstance(converted, ZooTask)
-    layers = [m for m in converted.modules() if isinstance(m, QuantizedLinear)]
+    layers = [m for m in converted.modules() if isinstance(m, QUANTIZED)]
     assert len(layers) == count
     stored, fp32 = weight_bytes(converted)
     assert stored <= SIZE_BOUND[SCHEMES[scheme].weight_bits] * fp32
@@ -175,15 +182,47 @@ def test_hf_conv1d_fake_quantizes_and_converts_as_a_linear_with_the_transposed_w
         assert torch.allclose(fake(x), conv(x), atol=1e-6)  # float until start_step: the Conv1D itself
 
 
-def test_an_included_gpt2_head_is_quantized_and_the_plan_names_the_embedding_tie_it_breaks() -> None:
+def test_an_included_gpt2_head_and_its_embedding_are_quantized_once_and_stay_tied() -> None:
     model = build("gpt2")
-    scheme = SCHEMES["int8_weight_only"]
+    scheme = SCHEMES["int4_weight_only"]
     plan = plan_layers(model, scheme, GROUP, include=["*"])
-    assert "lm_head" in plan.layers and plan.tied_to_float == {"lm_head": "transformer.wte"}
+    assert {"lm_head", "transformer.wte"} <= set(plan.layers) and plan.tied_to_float == {}
     swap_in_fake_quantized(model, plan.layers, scheme, GROUP)
+    tokens = example("gpt2")["input_ids"]
+    with torch.no_grad():
+        fake = outputs(model.eval(), {"input_ids": tokens})
     converted = convert(model)
-    assert isinstance(converted.get_submodule("lm_head"), QuantizedLinear)
-    assert type(converted.get_submodule("transformer.wte")) is nn.Embedding  # embeddings are not quantized yet
+    head, table = converted.get_submodule("lm_head"), converted.get_submodule("transformer.wte")
+    assert isinstance(head, QuantizedLinear) and isinstance(table, QuantizedEmbedding)
+    assert head.qweight is table.qweight and head.scales is table.scales  # one set of integers, stored once
+    with torch.no_grad():
+        got = outputs(converted, {"input_ids": tokens})
+    assert (got - fake).norm() <= 0.02 * fake.norm()
+    stored, fp32 = weight_bytes(converted)
+    assert stored <= fp32 / 6
+    only_head = plan_layers(build("gpt2"), scheme, GROUP, include=["lm_head"])
+    assert only_head.tied_to_float == {"lm_head": "transformer.wte"}  # the plan names the tie it breaks
+    with pytest.raises(ConfigError, match=r"include=transformer.wte: cannot be quantized: its weight is the output"):
+        plan_layers(build("gpt2"), scheme, GROUP, include=["transformer.wte"])
+
+
+def test_an_embedding_fake_quantizes_its_rows_as_the_table_would_be_and_converts_exactly() -> None:
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 64, padding_idx=0)
+    ids = torch.randint(0, 50, (3, 7))
+    for scheme in SCHEMES.values():
+        holder = nn.Sequential(table)
+        swap_in_fake_quantized(holder, ["0"], scheme, GROUP)
+        fake = holder[0]
+        assert isinstance(fake, FakeQuantizedEmbedding) and fake.weight is table.weight
+        rounded = fake_quantize_weight(table.weight, scheme.weight_bits, scheme.weight_group_size(GROUP))
+        assert torch.equal(fake(ids), rounded[ids])  # only the looked-up rows are rounded, to the same values
+        fake(ids).sum().backward()  # straight-through: the gradient reaches the table
+        assert table.weight.grad is not None and table.weight.grad.abs().sum() > 0
+        table.weight.grad = None
+        assert torch.equal(convert(holder)[0](ids), fake(ids).detach())
+        restored = restore_float_modules(holder)[0]
+        assert type(restored) is nn.Embedding and restored.weight is table.weight and restored.padding_idx == 0
 
 
 def test_two_layers_sharing_one_weight_are_quantized_once_and_stay_tied() -> None:
