@@ -24,7 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
+from lightning_eff.quantization.conv import (
+    CONV_WEIGHT_BITS,
+    FAKE_CONVS,
+    fake_quantize_conv_input,
+    folded_weight_and_bias,
+)
 from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import activation_integers, activation_qparams, quantize_weight
 from lightning_eff.quantization.prepare import (
@@ -222,13 +229,93 @@ class QuantizedEmbedding(nn.Module):
                 f"group_size={self.group_size}")  # fmt: skip
 
 
-QUANTIZED: tuple[type[nn.Module], ...] = (QuantizedLinear, QuantizedEmbedding)
+class QuantizedConv(nn.Module):
+    """A Conv1d/Conv2d holding int8 weights (one scale per output channel), its BatchNorm folded in.
+
+    Buffers: ``qweight`` (int8, the conv weight's shape), ``scales`` (float32 [out]) and ``bias`` (float32,
+    the folded BN shift when there was one). The forward dequantizes the weight once (cached in eager mode,
+    recomputed inside export and compile) and convolves in float: the saving is in bytes, not in time, as no
+    int8 convolution with dynamic activations runs faster than fp32 on this CPU's torch build. The dynamic
+    schemes round each sample's input to int8 first, as in training.
+    """
+
+    qweight: Tensor
+    scales: Tensor
+    bias: Tensor | None
+
+    def __init__(self, conv: _ConvNd, scheme: QuantScheme, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
+        self.stride: tuple[int, ...] = conv.stride
+        self.padding: str | tuple[int, ...] = conv.padding
+        self.dilation: tuple[int, ...] = conv.dilation
+        self.groups: int = conv.groups
+        self.padding_mode: str = conv.padding_mode
+        self.reversed_padding: list[int] = list(conv._reversed_padding_repeated_twice)
+        self.scheme = scheme
+        self.out_channels = int(weight.shape[0])
+        integers, scales = quantize_weight(weight.reshape(self.out_channels, -1), CONV_WEIGHT_BITS, None)
+        self.register_buffer("qweight", integers.reshape(weight.shape))
+        self.register_buffer("scales", scales.reshape(-1))
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+        self._float_weight: Tensor | None = None
+
+    @classmethod
+    def from_fake_quantized(cls, layer: nn.Module) -> QuantizedConv:
+        """Fold the layer's BatchNorm (if any) into its weight and bias, and round the weight as training did."""
+        weight, bias = folded_weight_and_bias(layer, layer.folded_norm)  # type: ignore[arg-type]
+        return cls(layer, layer.scheme, weight, bias)  # type: ignore[arg-type]
+
+    @property
+    def in_features(self) -> int:
+        """Weights per output channel (for `weight_bytes`: in_features x out_features is the weight's size)."""
+        return int(self.qweight[0].numel())
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedConv:
+        self._float_weight = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._float_weight = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def float_weight(self) -> Tensor:
+        """integers x scales in float32, the conv weight: cached in eager mode, recomputed inside export."""
+        shape = (-1, *([1] * (self.qweight.dim() - 1)))
+        if torch.compiler.is_compiling():
+            return self.qweight.float() * self.scales.reshape(shape)
+        if self._float_weight is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._float_weight = self.qweight.float() * self.scales.reshape(shape)
+        return self._float_weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scheme.activation_bits is not None:
+            x = fake_quantize_conv_input(x)
+        convolve = F.conv1d if self.dims == 1 else F.conv2d
+        padding: Any = self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.reversed_padding, mode=self.padding_mode), 0
+        return convolve(x, self.float_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.qweight.shape)}, stride={self.stride}, groups={self.groups}, int8 per channel"
+
+
+QUANTIZED: tuple[type[nn.Module], ...] = (QuantizedLinear, QuantizedEmbedding, QuantizedConv)
 """The layer kinds `convert` produces."""
+AnyQuantized = QuantizedLinear | QuantizedEmbedding | QuantizedConv
 
 
-def _quantized(layer: nn.Module) -> QuantizedLinear | QuantizedEmbedding:
+def _quantized(layer: nn.Module) -> AnyQuantized:
     if isinstance(layer, FakeQuantizedEmbedding):
         return QuantizedEmbedding.from_fake_quantized(layer)
+    if isinstance(layer, tuple(FAKE_CONVS.values())):
+        return QuantizedConv.from_fake_quantized(layer)
     return QuantizedLinear.from_fake_quantized(layer)  # type: ignore[arg-type]
 
 
@@ -242,11 +329,16 @@ def convert(model: nn.Module) -> nn.Module:
     copy runs in eval, under `no_grad` and under `inference_mode`.
     """
     converted = copy.deepcopy(model).eval()
-    by_weight: dict[int, QuantizedLinear | QuantizedEmbedding] = {}  # tied layers (one weight) are quantized once
+    by_weight: dict[int, AnyQuantized] = {}  # tied layers (one weight) are quantized once
+    names = {id(module): name for name, module in converted.named_modules()}
     for name, module in list(converted.named_modules()):
         if isinstance(module, FAKE_QUANTIZED):
             parent_name, _, child = name.rpartition(".")
             layer = _quantized(module)
+            norm = getattr(module, "folded_norm", None)
+            if norm is not None:  # folded into the conv: the model's call of it becomes a no-op
+                norm_parent, _, norm_child = names[id(norm)].rpartition(".")
+                setattr(converted.get_submodule(norm_parent), norm_child, nn.Identity())
             tied = by_weight.setdefault(id(module.weight), layer)
             if tied is not layer and torch.equal(tied.qweight, layer.qweight):
                 layer.qweight, layer.scales = tied.qweight, tied.scales  # stay tied: the same integer tensors
@@ -257,11 +349,11 @@ def convert(model: nn.Module) -> nn.Module:
     return converted
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear | QuantizedEmbedding]:
+def quantized_layers(model: nn.Module) -> dict[str, AnyQuantized]:
     """Every converted layer of `model` by qualified name (a tied pair appears under both names)."""
-    found: dict[str, QuantizedLinear | QuantizedEmbedding] = {}
+    found: dict[str, AnyQuantized] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedConv)):
             found[name] = module
     return found
 

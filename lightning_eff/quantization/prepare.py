@@ -1,4 +1,4 @@
-"""Which layers a QAT run quantizes (Linear, HF Conv1D, Embedding), and the fake-quantized layers that replace them."""
+"""Which layers a QAT run quantizes (Linear, HF Conv1D, Embedding, Conv1d/2d), and the fake twins that replace them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_eff.quantization.conv import (
+    CONV_KINDS,
+    FAKE_CONVS,
+    conv_batch_norm_pairs,
+    fake_quantized_conv,
+    float_conv,
+)
 from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import fake_quantize_activation, fake_quantize_weight
 from lightning_eff.quantization.schemes import QuantScheme
@@ -105,7 +112,12 @@ class FakeQuantizedConv1D(nn.Module):
         return f"nx={self.nx}, nf={self.nf}, scheme={self.scheme.name}, group_size={self.group_size}"
 
 
-FAKE_QUANTIZED: tuple[type[nn.Module], ...] = (FakeQuantizedLinear, FakeQuantizedConv1D, FakeQuantizedEmbedding)
+FAKE_QUANTIZED: tuple[type[nn.Module], ...] = (
+    FakeQuantizedLinear,
+    FakeQuantizedConv1D,
+    FakeQuantizedEmbedding,
+    *FAKE_CONVS.values(),
+)
 """The fake-quantized layer kinds `swap_in_fake_quantized` creates and `convert` turns into real low-bit ones."""
 FAKE_LINEAR: tuple[type[nn.Module], ...] = (FakeQuantizedLinear, FakeQuantizedConv1D)
 
@@ -127,9 +139,13 @@ def _quantizable_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, FAKE_LINEAR) or _is_conv1d(module)
 
 
+def _is_conv(module: nn.Module) -> bool:
+    return type(module) in CONV_KINDS or type(module) in FAKE_CONVS.values()
+
+
 def _quantizable(module: nn.Module) -> bool:
-    """A layer the plan may select: a Linear-like layer or an `nn.Embedding` (exactly: no subclasses)."""
-    return _quantizable_linear(module) or type(module) in (nn.Embedding, FakeQuantizedEmbedding)
+    """A layer the plan may select: Linear-like, `nn.Embedding` or `nn.Conv1d/2d` (exactly: no subclasses)."""
+    return _quantizable_linear(module) or type(module) in (nn.Embedding, FakeQuantizedEmbedding) or _is_conv(module)
 
 
 def _in_features(module: nn.Module) -> int:
@@ -216,12 +232,14 @@ class LayerPlan:
     only_head: bool = False
     tied_to_float: dict[str, str] = field(default_factory=dict)
     """Selected layers whose weight is also an `nn.Embedding`'s (which stays float): layer -> embedding."""
+    folded: dict[str, str] = field(default_factory=dict)
+    """Selected convs whose BatchNorm is folded into their quantized weight: conv -> BatchNorm."""
 
 
 def _unsupported(model: nn.Module) -> dict[str, str]:
     reasons: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.EmbeddingBag)):
+        if isinstance(module, (nn.Conv3d, nn.EmbeddingBag)):
             reasons[name] = f"{type(module).__name__} not supported yet"
         elif isinstance(module, nn.MultiheadAttention):
             reasons[f"{name}.in_proj_weight" if name else "in_proj_weight"] = (
@@ -244,8 +262,8 @@ def plan_layers(
     """`select_layers` with its reasons: the head (`find_output_head`) and every skipped layer."""
     candidates = [name for name, module in model.named_modules() if name and _quantizable(module)]
     if not candidates:
-        raise ConfigError("include", include, "the model has no nn.Linear, HF Conv1D or nn.Embedding to quantize")
-    linear = {name for name in candidates if _quantizable_linear(model.get_submodule(name))}
+        raise ConfigError("include", include, "the model has no nn.Linear, HF Conv1D, nn.Embedding or conv to quantize")
+    embedding = {name for name in candidates if isinstance(model.get_submodule(name), nn.Embedding)}
     head = find_output_head(model, example)
     skipped = _unsupported(model)
     only_head = False
@@ -255,12 +273,12 @@ def plan_layers(
         chosen = set(candidates) - {head}
         if head is not None:
             skipped[head] = "output head (excluded by default: rounding the logits costs the most accuracy)"
-        for name in sorted(chosen - linear):  # embeddings it cannot take are skipped, not an error, by default
+        for name in sorted(chosen & embedding):  # embeddings it cannot take are skipped, not an error, by default
             problem = _embedding_problem(model, name, head, chosen, scheme, group_size)
             if problem:
                 skipped[name] = problem
                 chosen.discard(name)
-        if not chosen & linear and head is not None:  # the head is the only Linear (a CNN): quantize it, and say so
+        if not chosen - embedding and head is not None:  # the head is all there is: quantize it, and say so
             chosen, only_head = chosen | {head}, True
             skipped.pop(head, None)
     if exclude:
@@ -271,12 +289,14 @@ def plan_layers(
     if not chosen:
         raise ConfigError("exclude", exclude, f"leaves no layer to quantize; layers: {', '.join(candidates)}")
     selected = [name for name in candidates if name in chosen]
-    for name in [name for name in selected if name not in linear]:
+    for name in [name for name in selected if name in embedding]:
         problem = _embedding_problem(model, name, head, chosen, scheme, group_size)
         if problem:
             raise ConfigError("include", name, f"cannot be quantized: {problem}")
     if scheme.grouped:
         for name in selected:
+            if _is_conv(model.get_submodule(name)):
+                continue  # convolutions take int8 weights per output channel in every scheme: no groups
             width = _in_features(model.get_submodule(name))
             if width % group_size:
                 raise ConfigError("group_size", group_size,
@@ -286,7 +306,8 @@ def plan_layers(
     weights = {name: id(model.get_submodule(name).get_parameter("weight")) for name in selected}
     tied = {name: embeddings[weight] for name, weight in weights.items()
             if weight in embeddings and embeddings[weight] not in chosen}  # fmt: skip
-    return LayerPlan(selected, head, skipped, only_head=only_head, tied_to_float=tied)
+    folded = conv_batch_norm_pairs(model, [name for name in selected if _is_conv(model.get_submodule(name))], example)
+    return LayerPlan(selected, head, skipped, only_head=only_head, tied_to_float=tied, folded=folded)
 
 
 def _embedding_problem(
@@ -328,14 +349,19 @@ def select_layers(
     return plan_layers(model, scheme, group_size, include, exclude, example).layers
 
 
-def swap_in_fake_quantized(model: nn.Module, names: list[str], scheme: QuantScheme, group_size: int) -> None:
-    """Replace each named Linear, HF Conv1D or Embedding by its fake-quantized twin holding the same Parameters.
+def swap_in_fake_quantized(
+    model: nn.Module, names: list[str], scheme: QuantScheme, group_size: int, folded: dict[str, str] | None = None
+) -> None:
+    """Replace each named Linear, HF Conv1D, Embedding or conv by its fake-quantized twin holding the same Parameters.
 
-    Idempotent: a layer already fake-quantized stays as it is.
+    Idempotent: a layer already fake-quantized stays as it is. A conv in `folded` (conv -> BatchNorm, as
+    `plan_layers` found them; by default found from the model's structure) trains with that BatchNorm folded in.
 
     `nn.TransformerEncoderLayer`s holding a swapped layer are kept off their fused inference fast path (which
     reads ``linear1.weight`` and friends directly and would run the float weights): see `keep_off_fused_paths`.
     """
+    if folded is None:
+        folded = conv_batch_norm_pairs(model, [name for name in names if type(model.get_submodule(name)) in CONV_KINDS])
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, FAKE_QUANTIZED):
@@ -346,6 +372,9 @@ def swap_in_fake_quantized(model: nn.Module, names: list[str], scheme: QuantSche
             swapped = FakeQuantizedLinear.from_linear(layer, scheme, group_size)
         elif isinstance(layer, nn.Embedding):
             swapped = FakeQuantizedEmbedding.from_embedding(layer, scheme, group_size)
+        elif type(layer) in CONV_KINDS:
+            norm = model.get_submodule(folded[name]) if name in folded else None
+            swapped = fake_quantized_conv(layer, scheme, norm)  # type: ignore[arg-type]
         else:
             assert _is_conv1d(layer), f"{name} is a {type(layer).__name__}"
             swapped = FakeQuantizedConv1D.from_conv1d(layer, scheme, group_size)
@@ -395,6 +424,8 @@ def restore_float_modules(model: nn.Module) -> nn.Module:
 
     def plain(layer: nn.Module) -> nn.Module:
         restored: nn.Module
+        if isinstance(layer, tuple(FAKE_CONVS.values())):
+            return float_conv(layer)
         if isinstance(layer, FakeQuantizedEmbedding):
             restored = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device="meta",
                                     scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)  # fmt: skip

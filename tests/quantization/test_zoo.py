@@ -2,8 +2,8 @@
 
 Every zoo model is trained for a few steps with each scheme and converted: the quantized layers shrink as the
 scheme promises, the converted model agrees with the fake-quantized one and runs in eval, under `no_grad` and
-under `inference_mode`, and the report says what was skipped (convolutions, MultiheadAttention's fused weights and
-an embedding tied to the float head, for now).
+under `inference_mode`, and the report says what was skipped (MultiheadAttention's fused weights and an embedding
+tied to the float head, for now). Convolutions take int8 weights in every scheme, their BatchNorm folded in.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_eff.quantization import QuantizationAwareTraining, QuantizedLinear
-from lightning_eff.quantization.convert import QUANTIZED, QuantizedEmbedding, convert, weight_bytes
+from lightning_eff.quantization.convert import QUANTIZED, QuantizedConv, QuantizedEmbedding, convert, weight_bytes
 from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import fake_quantize_weight
 from lightning_eff.quantization.prepare import (
@@ -51,10 +51,10 @@ EXPECTED: dict[str, tuple[str | None, int, tuple[str, ...]]] = {
     "bert_mlm": ("cls.predictions.decoder", 15, (f"word_embeddings: {TIED_TABLE}",)),
     "llama_tied": ("lm_head", 14, (f"embed_tokens: {TIED_TABLE}",)),
     "llama": ("lm_head", 15, ()),
-    "resnet": ("fc", 1, ("Conv2d",)),  # the head is all there is to quantize: it is, with a warning
-    "vit": ("head", 8, ("Conv2d",)),
+    "resnet": ("fc", 10, ("fc: output head",)),  # 10 convs, each with its BatchNorm folded in
+    "vit": ("head", 9, ()),  # the patch conv and 8 Linears
     "transformer_encoder": ("head", 5, ("out_proj", "in_proj_weight")),
-    "depthwise_cnn": ("classifier", 1, ("Conv2d",)),
+    "depthwise_cnn": ("classifier", 3, ()),
 }
 
 
@@ -119,8 +119,22 @@ def test_every_zoo_model_trains_fake_quantized_and_converts(entry: Any, scheme: 
     assert isinstance(converted, ZooTask)
     layers = [m for m in converted.modules() if isinstance(m, QUANTIZED)]
     assert len(layers) == count
-    stored, fp32 = weight_bytes(converted)
-    assert stored <= SIZE_BOUND[SCHEMES[scheme].weight_bits] * fp32
+    stored, _ = weight_bytes(converted)
+    unique = {id(m.qweight): m for m in layers}.values()  # a tied pair is stored once
+    convs = [m for m in unique if isinstance(m, QuantizedConv)]
+    others = [m for m in unique if not isinstance(m, QuantizedConv)]
+    bound = SIZE_BOUND[SCHEMES[scheme].weight_bits]
+    assert stored <= sum(bound * 4 * m.in_features * m.out_features for m in others) + sum(
+        m.qweight.numel() + 4 * m.out_features
+        for m in convs  # int8 in every scheme, one fp32 scale per channel
+    )
+    if convs and name != "depthwise_cnn":  # a 3x3 depthwise kernel has 9 weights per scale: 13/36 of fp32
+        assert sum(m.qweight.numel() + 4 * m.out_features for m in convs) <= sum(
+            SIZE_BOUND[8] * 4 * m.qweight.numel() for m in convs
+        )
+    folded = [m for m in task.model.modules() if getattr(m, "folded_norm", None) is not None]
+    assert len(folded) == (10 if name == "resnet" else 3 if name == "depthwise_cnn" else 0)
+    assert sum(isinstance(m, nn.Identity) for m in converted.modules()) == len(folded)  # BatchNorms folded in
     for first, second in entry.tied:  # a tied head excluded by default stays float and tied
         if head == f"model.{first.rpartition('.')[0]}":
             assert converted.model.get_parameter(first) is converted.model.get_parameter(second)
