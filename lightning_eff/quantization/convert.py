@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_eff.quantization.attention import FakeQuantizedMultiheadAttention, QuantizedMultiheadAttention
 from lightning_eff.quantization.conv import (
     CONV_WEIGHT_BITS,
     FAKE_CONVS,
@@ -306,12 +307,20 @@ class QuantizedConv(nn.Module):
         return f"{tuple(self.qweight.shape)}, stride={self.stride}, groups={self.groups}, int8 per channel"
 
 
-QUANTIZED: tuple[type[nn.Module], ...] = (QuantizedLinear, QuantizedEmbedding, QuantizedConv)
+QUANTIZED: tuple[type[nn.Module], ...] = (
+    QuantizedLinear,
+    QuantizedEmbedding,
+    QuantizedConv,
+    QuantizedMultiheadAttention,
+)
 """The layer kinds `convert` produces."""
 AnyQuantized = QuantizedLinear | QuantizedEmbedding | QuantizedConv
+"""The converted kinds that hold their own integers (a `QuantizedMultiheadAttention` holds two `QuantizedLinear`s)."""
 
 
-def _quantized(layer: nn.Module) -> AnyQuantized:
+def _quantized(layer: nn.Module) -> AnyQuantized | QuantizedMultiheadAttention:
+    if isinstance(layer, FakeQuantizedMultiheadAttention):
+        return QuantizedMultiheadAttention.from_fake_quantized(layer)
     if isinstance(layer, FakeQuantizedEmbedding):
         return QuantizedEmbedding.from_fake_quantized(layer)
     if isinstance(layer, tuple(FAKE_CONVS.values())):
@@ -329,7 +338,7 @@ def convert(model: nn.Module) -> nn.Module:
     copy runs in eval, under `no_grad` and under `inference_mode`.
     """
     converted = copy.deepcopy(model).eval()
-    by_weight: dict[int, AnyQuantized] = {}  # tied layers (one weight) are quantized once
+    by_weight: dict[int, nn.Module] = {}  # tied layers (one weight) are quantized once
     names = {id(module): name for name, module in converted.named_modules()}
     for name, module in list(converted.named_modules()):
         if isinstance(module, FAKE_QUANTIZED):
@@ -339,8 +348,9 @@ def convert(model: nn.Module) -> nn.Module:
             if norm is not None:  # folded into the conv: the model's call of it becomes a no-op
                 norm_parent, _, norm_child = names[id(norm)].rpartition(".")
                 setattr(converted.get_submodule(norm_parent), norm_child, nn.Identity())
-            tied = by_weight.setdefault(id(module.weight), layer)
-            if tied is not layer and torch.equal(tied.qweight, layer.qweight):
+            tied = by_weight.setdefault(id(getattr(module, "weight", module)), layer)
+            both = isinstance(tied, AnyQuantized) and isinstance(layer, AnyQuantized) and tied is not layer
+            if both and torch.equal(tied.get_buffer("qweight"), layer.get_buffer("qweight")):
                 layer.qweight, layer.scales = tied.qweight, tied.scales  # stay tied: the same integer tensors
             setattr(converted.get_submodule(parent_name), child, layer)
     keep_off_fused_paths(converted, QUANTIZED)

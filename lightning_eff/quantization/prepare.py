@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_eff.quantization.attention import FakeQuantizedMultiheadAttention, restore_float_mha
 from lightning_eff.quantization.conv import (
     CONV_KINDS,
     FAKE_CONVS,
@@ -116,6 +117,7 @@ FAKE_QUANTIZED: tuple[type[nn.Module], ...] = (
     FakeQuantizedLinear,
     FakeQuantizedConv1D,
     FakeQuantizedEmbedding,
+    FakeQuantizedMultiheadAttention,
     *FAKE_CONVS.values(),
 )
 """The fake-quantized layer kinds `swap_in_fake_quantized` creates and `convert` turns into real low-bit ones."""
@@ -143,12 +145,23 @@ def _is_conv(module: nn.Module) -> bool:
     return type(module) in CONV_KINDS or type(module) in FAKE_CONVS.values()
 
 
+def _is_packed_attention(module: nn.Module) -> bool:
+    """An `nn.MultiheadAttention` with one packed q/k/v weight (the kind `FakeQuantizedMultiheadAttention` takes)."""
+    if isinstance(module, FakeQuantizedMultiheadAttention):
+        return True
+    return type(module) is nn.MultiheadAttention and module._qkv_same_embed_dim
+
+
 def _quantizable(module: nn.Module) -> bool:
-    """A layer the plan may select: Linear-like, `nn.Embedding` or `nn.Conv1d/2d` (exactly: no subclasses)."""
-    return _quantizable_linear(module) or type(module) in (nn.Embedding, FakeQuantizedEmbedding) or _is_conv(module)
+    """A layer the plan may select: Linear-like, `nn.Embedding`, `nn.Conv1d/2d` or a packed `nn.MultiheadAttention`
+    (exactly these types: a subclass may compute otherwise)."""
+    kinds = (nn.Embedding, FakeQuantizedEmbedding)
+    return _quantizable_linear(module) or type(module) in kinds or _is_conv(module) or _is_packed_attention(module)
 
 
 def _in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
     if _is_conv1d(module) or isinstance(module, FakeQuantizedConv1D):
         return int(module.get_parameter("weight").shape[0])
     return int(module.get_parameter("weight").shape[1])
@@ -241,13 +254,8 @@ def _unsupported(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv3d, nn.EmbeddingBag)):
             reasons[name] = f"{type(module).__name__} not supported yet"
-        elif isinstance(module, nn.MultiheadAttention):
-            reasons[f"{name}.in_proj_weight" if name else "in_proj_weight"] = (
-                "MultiheadAttention's packed in_proj_weight is read by F.multi_head_attention_forward, not a layer"
-            )
-            reasons[f"{name}.out_proj" if name else "out_proj"] = (
-                "MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward); not called"
-            )
+        elif isinstance(module, nn.MultiheadAttention) and not _is_packed_attention(module):
+            reasons[name] = "a MultiheadAttention with separate q/k/v weights (kdim/vdim != embed_dim): not supported"
     return reasons
 
 
@@ -303,7 +311,7 @@ def plan_layers(
                                   f"must divide the input width of every quantized layer; {name} has {width} "
                                   f"(exclude it, or pick a divisor of {width})")  # fmt: skip
     embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    weights = {name: id(model.get_submodule(name).get_parameter("weight")) for name in selected}
+    weights = {name: id(getattr(model.get_submodule(name), "weight", None)) for name in selected}
     tied = {name: embeddings[weight] for name, weight in weights.items()
             if weight in embeddings and embeddings[weight] not in chosen}  # fmt: skip
     folded = conv_batch_norm_pairs(model, [name for name in selected if _is_conv(model.get_submodule(name))], example)
@@ -372,6 +380,8 @@ def swap_in_fake_quantized(
             swapped = FakeQuantizedLinear.from_linear(layer, scheme, group_size)
         elif isinstance(layer, nn.Embedding):
             swapped = FakeQuantizedEmbedding.from_embedding(layer, scheme, group_size)
+        elif isinstance(layer, nn.MultiheadAttention):
+            swapped = FakeQuantizedMultiheadAttention.from_mha(layer, scheme, group_size)
         elif type(layer) in CONV_KINDS:
             norm = model.get_submodule(folded[name]) if name in folded else None
             swapped = fake_quantized_conv(layer, scheme, norm)  # type: ignore[arg-type]
@@ -426,6 +436,8 @@ def restore_float_modules(model: nn.Module) -> nn.Module:
         restored: nn.Module
         if isinstance(layer, tuple(FAKE_CONVS.values())):
             return float_conv(layer)
+        if isinstance(layer, FakeQuantizedMultiheadAttention):
+            return restore_float_mha(layer)
         if isinstance(layer, FakeQuantizedEmbedding):
             restored = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device="meta",
                                     scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)  # fmt: skip

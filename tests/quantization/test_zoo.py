@@ -2,8 +2,8 @@
 
 Every zoo model is trained for a few steps with each scheme and converted: the quantized layers shrink as the
 scheme promises, the converted model agrees with the fake-quantized one and runs in eval, under `no_grad` and
-under `inference_mode`, and the report says what was skipped (MultiheadAttention's fused weights and an embedding
-tied to the float head, for now). Convolutions take int8 weights in every scheme, their BatchNorm folded in.
+under `inference_mode`, and the report says what was skipped (an embedding tied to the float head). Convolutions take
+int8 weights in every scheme, their BatchNorm folded in; `nn.MultiheadAttention` is quantized as one layer.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_eff.quantization import QuantizationAwareTraining, QuantizedLinear
+from lightning_eff.quantization.attention import QuantizedMultiheadAttention
 from lightning_eff.quantization.convert import QUANTIZED, QuantizedConv, QuantizedEmbedding, convert, weight_bytes
 from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import fake_quantize_weight
@@ -53,7 +54,7 @@ EXPECTED: dict[str, tuple[str | None, int, tuple[str, ...]]] = {
     "llama": ("lm_head", 15, ()),
     "resnet": ("fc", 10, ("fc: output head",)),  # 10 convs, each with its BatchNorm folded in
     "vit": ("head", 9, ()),  # the patch conv and 8 Linears
-    "transformer_encoder": ("head", 5, ("out_proj", "in_proj_weight")),
+    "transformer_encoder": ("head", 7, ()),  # embedding, 2 attentions (packed in_proj and out_proj), 4 Linears
     "depthwise_cnn": ("classifier", 3, ()),
 }
 
@@ -117,10 +118,12 @@ def test_every_zoo_model_trains_fake_quantized_and_converts(entry: Any, scheme: 
 
     converted = callback.quantized_model
     assert isinstance(converted, ZooTask)
-    layers = [m for m in converted.modules() if isinstance(m, QUANTIZED)]
+    inner = {id(c) for m in converted.modules() if isinstance(m, QuantizedMultiheadAttention) for c in m.children()}
+    layers = [m for m in converted.modules() if isinstance(m, QUANTIZED) and id(m) not in inner]
     assert len(layers) == count
     stored, _ = weight_bytes(converted)
-    unique = {id(m.qweight): m for m in layers}.values()  # a tied pair is stored once
+    holders = [m for m in converted.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding, QuantizedConv))]
+    unique = {id(m.qweight): m for m in holders}.values()  # a tied pair is stored once
     convs = [m for m in unique if isinstance(m, QuantizedConv)]
     others = [m for m in unique if not isinstance(m, QuantizedConv)]
     bound = SIZE_BOUND[SCHEMES[scheme].weight_bits]
