@@ -293,3 +293,35 @@ def test_trainer_validation_of_a_transformer_encoder_measures_the_fake_quantized
     fake = outputs(task.model.train(), inputs).detach()  # grad on, training: never the fused path
     assert not torch.allclose(task.seen[-1], plain, atol=1e-4)
     assert torch.allclose(task.seen[-1], fake, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_tied"])
+def test_converted_hf_language_models_generate_like_the_fake_quantized_ones(name: str) -> None:
+    task, callback, _ = fit(name, "int8_dynamic_act_int4_weight")
+    converted = callback.quantized_model
+    assert isinstance(converted, ZooTask)
+    prompt = example(name)["input_ids"][:2, :5]
+    with torch.no_grad():
+        fake = task.model.eval().generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        got = converted.model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert got.shape == fake.shape == (2, 11)
+    assert (got == fake).float().mean() >= 0.9  # greedy decoding: a near tie may flip a late token
+
+
+def test_pruned_weights_stay_exactly_zero_through_qat_and_conversion(tmp_path: Path) -> None:
+    from lightning_eff import GradualPruning
+
+    L.seed_everything(0, verbose=False)
+    task = ZooTask("gpt2")
+    task.example_input_array = example("gpt2")
+    pruning = GradualPruning(target_sparsity=0.5, update_every=2, end_step=4)
+    qat = QuantizationAwareTraining("int4_weight_only", group_size=GROUP)
+    trainer = L.Trainer(callbacks=[pruning, qat], max_steps=6, **QUIET)
+    trainer.fit(task, DataLoader(ZooBatches("gpt2", count=6), batch_size=None))
+    converted = qat.quantized_model
+    assert isinstance(converted, ZooTask) and pruning.masks
+    for name, mask in pruning.masks.items():  # True = pruned; HF Conv1D weights are [in, out]
+        layer = converted.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(layer, QuantizedLinear)
+        integers = layer.integer_weight().t()  # stored [out, in]: back to the Conv1D layout of the mask
+        assert mask.any() and bool((integers[mask] == 0).all()), name
