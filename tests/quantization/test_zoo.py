@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_eff import GradualPruning
 from lightning_eff.quantization import QuantizationAwareTraining, QuantizedLinear
 from lightning_eff.quantization.attention import QuantizedMultiheadAttention
 from lightning_eff.quantization.convert import QUANTIZED, QuantizedConv, QuantizedEmbedding, convert, weight_bytes
@@ -309,8 +310,6 @@ def test_converted_hf_language_models_generate_like_the_fake_quantized_ones(name
 
 
 def test_pruned_weights_stay_exactly_zero_through_qat_and_conversion(tmp_path: Path) -> None:
-    from lightning_eff import GradualPruning
-
     L.seed_everything(0, verbose=False)
     task = ZooTask("gpt2")
     task.example_input_array = example("gpt2")
