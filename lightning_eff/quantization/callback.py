@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.quantization.convert import convert, weight_bytes
-from lightning_eff.quantization.export import save_quantized
+from lightning_eff.quantization.export import NotExportableError, check_exportable, save_quantized
 from lightning_eff.quantization.measure import evaluate_test_set, inference_seconds
 from lightning_eff.quantization.prepare import LayerPlan, plan_layers, set_fake_quantize, swap_in_fake_quantized
 from lightning_eff.quantization.schemes import SCHEMES
@@ -49,8 +49,11 @@ class QuantizationAwareTraining(L.Callback):
             one, else from the structure (`prepare.find_output_head`). A string is one glob.
         exclude: module-name globs to leave in float (a string is one glob).
         convert_on_fit_end: build `quantized_model` after fit.
-        export_path: where rank 0 writes the converted model (`torch.export` format) after fit; load it with
-            `lightning_eff.quantization.load_quantized`, without the training code.
+        export_path: where rank 0 writes the converted model (`torch.export` format, batch and sequence
+            dynamic) after fit; load it with `lightning_eff.quantization.load_quantized`, without the training
+            code. Exportability is checked before training: at `setup` on ``example_input_array`` when the
+            module has one, else right after the first training batch (before the second optimizer step); an
+            unexportable forward raises `NotExportableError` with torch's reason.
 
     The fake quantizer is plain elementwise PyTorch with no graph breaks: compile the LightningModule
     (``torch.compile(model)``) to fuse it, which is where its cost nearly vanishes on a GPU.
@@ -97,6 +100,7 @@ class QuantizationAwareTraining(L.Callback):
         self._batch: Any = None
         self._batch_idx = -1
         self._float_bytes = 0
+        self._export_checked = False
 
     # --- Lightning hooks -----------------------------------------------------------------------------
 
@@ -122,11 +126,14 @@ class QuantizationAwareTraining(L.Callback):
         for layer, embedding in plan.tied_to_float.items():
             rank_zero_warn(
                 f"QuantizationAwareTraining: {layer} shares its weight with {embedding}, which stays float "
-                "(Embedding not supported yet): the converted model holds both, and they are no longer one tensor"
+                "(include it to quantize both once): the converted model holds both, no longer one tensor"
             )
         self._float_bytes = state_dict_bytes(pl_module)
-        swap_in_fake_quantized(pl_module, self.layers, self.scheme, self.group_size)
+        swap_in_fake_quantized(pl_module, self.layers, self.scheme, self.group_size, plan.folded)
         set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
+        example = _example_of(pl_module)
+        if stage == "fit" and example is not None:
+            self._check_export(pl_module, example, "at setup, on example_input_array")
         if trainer.world_size > 1:
             destroy_process_group_at_exit()
 
@@ -155,6 +162,33 @@ class QuantizationAwareTraining(L.Callback):
             self._batch, self._batch_idx = batch, batch_idx
             if self._capture is None:
                 self._capture = pl_module.register_forward_pre_hook(self._remember_input, with_kwargs=True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._example is not None:
+            self._check_export(pl_module, self._example, "after the first training batch")
+        elif self.export_path is not None and not self._export_checked:
+            raise RuntimeError(
+                f"QuantizationAwareTraining(export_path={str(self.export_path)!r}) needs one forward call of the "
+                "LightningModule to trace, and the first training batch made none (training_step calls a "
+                "submodule?): call self(...) in training_step or set example_input_array"
+            )
+
+    def _check_export(
+        self, pl_module: L.LightningModule, example: tuple[tuple[Any, ...], dict[str, Any]], when: str
+    ) -> None:
+        """With ``export_path``, export a converted copy once now, so an unexportable forward fails before training."""
+        if self.export_path is None or self._export_checked:
+            return
+        self._export_checked = True
+        try:
+            check_exportable(pl_module, *example)
+        except NotExportableError as error:
+            raise NotExportableError(
+                f"QuantizationAwareTraining(export_path={str(self.export_path)!r}), checked {when}: {error}"
+            ) from error.__cause__
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -188,15 +222,10 @@ class QuantizationAwareTraining(L.Callback):
                 f"float model's {self._float_bytes} (skipped: {_reasons(self.skipped_layers)})"
             )
         if self.export_path is not None:
-            if self._example is None:
+            example = self._example or _example_of(pl_module)
+            if example is None:
                 raise RuntimeError("export_path needs one forward call of the model to trace; none was seen")
-            args, kwargs = self._example
-            if kwargs:
-                raise RuntimeError(
-                    "export_path: the model's forward was called with keyword arguments, which the export does "
-                    "not trace; call forward(*args) or save `quantized_model` yourself"
-                )
-            path = save_quantized(self.quantized_model.cpu(), self.export_path, args)
+            path = save_quantized(self.quantized_model.cpu(), self.export_path, *example)
             rank_zero_info(f"QuantizationAwareTraining: wrote the {self.scheme.name} model to {path}")
 
     # --- checkpointing -------------------------------------------------------------------------------

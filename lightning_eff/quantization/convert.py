@@ -41,6 +41,7 @@ from lightning_eff.quantization.prepare import (
     FakeQuantizedLinear,
     keep_off_fused_paths,
 )
+from lightning_eff.quantization.pretrained import guard_save_pretrained
 from lightning_eff.quantization.schemes import QuantScheme
 
 
@@ -356,7 +357,7 @@ def convert(model: nn.Module) -> nn.Module:
     keep_off_fused_paths(converted, QUANTIZED)
     for parameter in converted.parameters():
         parameter.requires_grad_(False)
-    return converted
+    return guard_save_pretrained(converted)  # HF's save_pretrained would drop the integers: refused, with why
 
 
 def quantized_layers(model: nn.Module) -> dict[str, AnyQuantized]:

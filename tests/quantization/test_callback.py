@@ -160,6 +160,20 @@ def test_keyword_arguments_to_forward_pass_through(tmp_path: Path) -> None:
     assert model.temperatures[-1] == 2.0
 
 
+def test_export_path_with_a_keyword_forward_is_checked_at_the_first_batch_and_exports(tmp_path: Path) -> None:
+    path = tmp_path / "keyword.pt2"
+    callback = QuantizationAwareTraining("int8_dynamic", export_path=str(path))
+    model, _ = fit([callback], KeywordMLP(), max_steps=4)
+    assert callback._export_checked and path.is_file()
+    assert model.temperatures == [2.0] * 4  # the check exported a converted copy: the model ran 4 times, no more
+    loaded = load_quantized(path)
+    images = torch.randn(5, 1, 8, 8)  # another batch size than the traced 64
+    assert callback.quantized_model is not None
+    with torch.no_grad():
+        expected = callback.quantized_model(images, temperature=2.0)
+        assert torch.allclose(loaded(images, temperature=2.0), expected, atol=1e-5)
+
+
 def test_inference_is_timed_on_a_training_batch_not_the_model_summary_example() -> None:
     callback = QuantizationAwareTraining("int8_dynamic")
     fit([callback], max_steps=2, enable_model_summary=True)  # the summary runs forward on example_input_array
