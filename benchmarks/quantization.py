@@ -21,6 +21,21 @@ lightning_eff and its peers run side by side in one process, on the same models,
    `load_quantized` (a `torch.export` program); GPT batch 32x128, digits batch 1024.
 4. ``gpu``: an 8-layer, d=1024 GPT (seq 1024, batch 8, bf16 autocast, fused AdamW): step time of torchao's QAT
    int8-dyn-act/int4-weight and of ours vs float, eager and compiled. Only with a CUDA device.
+5. ``cnn``: (a) median CPU inference time and bytes on disk (torch.save of the state_dict) of the zoo ResNet
+   (`tests/zoo/models.py`, width 32, batch 32 of 32x32 images): fp32 eager, fp32 with BatchNorm fused
+   (`torch.fx.experimental.optimization.fuse`, the fair float baseline), ours converted in each scheme (int8
+   per-channel convs, BN folded, dequantized once and convolved in fp32, so about fp32's speed: the dynamic
+   schemes are slower, they round every conv input to int8 first), torchao's PTQ (`quantize_` on every Conv2d
+   and Linear; the configs it refuses on convs are printed with their error) and, as the reference of what a
+   real int8 conv kernel gives on this CPU, torch.ao's static x86 int8 path (FX graph mode: conv+bn+relu fused,
+   8 calibration batches). (b) PTQ vs QAT on digits: a width-16 ResNet on digits upsampled to 16x16, 400
+   float steps; PTQ of that model; QAT (`QuantizationAwareTraining`) and a float control each continue it for
+   150 steps; test loss and accuracy, recovered = (PTQ - QAT) / (PTQ - float), undetermined ("nothing to
+   recover") where PTQ costs less than 3x |control - float|.
+6. ``gpt2``: an HF GPT2LMHeadModel (n_embd 256, 4 layers, vocab 512; batch 8 x 128 tokens) converted in each
+   scheme vs fp32 vs torchao's PTQ (of the same layers, HF Conv1Ds rewritten as nn.Linear: torchao quantizes
+   Linears only; also `Int8DynamicActivationInt8WeightConfig`): median CPU inference time and bytes on disk;
+   then the top 8 ops by self CPU time (`torch.profiler`) of fp32 and of ours int8_dynamic.
 
 Why 1200 GPT steps: at the app's 300 steps (test loss 1.75) PTQ costs the int4 schemes 0.0014 nats, well
 below the seed-to-seed spread of the float loss (0.011, 2 seeds), so no recovery can be measured
@@ -39,12 +54,13 @@ groups of 32.
 Threads: one (``--threads 1``, the default) in every part. This 2-core machine is shared: with 2 threads a GPT
 step took 0.10 s in one run and 1.5 s in the next (another process had started), with 1 thread 0.14 s in the
 runs around them. Times are medians of interleaved rounds (every variant runs in every round), so machine
-noise hits all of them alike. The default run takes about 10 minutes here, ``--quick`` about 30 s; ``--only
-gpu`` runs part 4 alone (on a GPU machine).
+noise hits all of them alike. The default run takes about 10 minutes here (parts 1-3; parts 5 and 6 add about
+2.5 minutes), ``--quick`` about 30 s (5 and 6: 10 s); ``--only gpu`` runs part 4 alone (on a GPU machine).
 
 Usage:
     python benchmarks/quantization.py [--quick] [--seeds N] [--schemes a,b] [--gpt-steps N] [--qat-start F]
-                                      [--threads N] [--compile] [--only accuracy,step_time,inference,gpu]
+                                      [--threads N] [--compile]
+                                      [--only accuracy,step_time,inference,gpu,cnn,gpt2]
                                       [--json PATH]
 """
 
@@ -54,6 +70,7 @@ import argparse
 import copy
 import io
 import math
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -87,10 +104,10 @@ from torch.nn import functional as F
 from lightning_eff.quantization import SCHEMES, QuantizationAwareTraining, QuantScheme, convert
 from lightning_eff.quantization.convert import quantized_layers, weight_bytes
 from lightning_eff.quantization.export import load_quantized, save_quantized
-from lightning_eff.quantization.prepare import select_layers, swap_in_fake_quantized
+from lightning_eff.quantization.prepare import plan_layers, select_layers, swap_in_fake_quantized
 from lightning_eff.tasks import DigitsDataModule, DigitsMLP, TextDataModule, TinyGPT
 
-PARTS = ("accuracy", "step_time", "inference", "gpu")
+PARTS = ("accuracy", "step_time", "inference", "gpu", "cnn", "gpt2")
 TASKS = ("gpt", "digits")
 GROUP_SIZE = 32
 INT4_SCHEMES = ("int8_dynamic_act_int4_weight", "int4_weight_only")
@@ -124,6 +141,24 @@ class Plan:
     gpu_batch_size: int
     gpu_rounds: int
     gpu_iterations: int
+    cnn_width: int  # zoo ResNet base width, timed on cnn_batch x 3 x cnn_image x cnn_image
+    cnn_image: int
+    cnn_batch: int
+    cnn_rounds: int
+    cnn_iterations: int
+    cnn_calibration_batches: int  # torch.ao's static int8 reference: observer batches
+    digits_cnn_width: int  # the ResNet trained on digits (upsampled to digits_cnn_image) for the PTQ/QAT part
+    digits_cnn_image: int
+    digits_cnn_steps: int  # float training
+    digits_cnn_qat_steps: int  # then QAT (and the float control) from that checkpoint
+    gpt2_embd: int
+    gpt2_layers: int
+    gpt2_vocab: int
+    gpt2_seq: int
+    gpt2_batch: int
+    gpt2_rounds: int
+    gpt2_iterations: int
+    profile_iterations: int
 
 
 FULL = Plan(
@@ -145,6 +180,24 @@ FULL = Plan(
     gpu_batch_size=8,
     gpu_rounds=5,
     gpu_iterations=10,
+    cnn_width=32,
+    cnn_image=32,
+    cnn_batch=32,
+    cnn_rounds=7,
+    cnn_iterations=3,
+    cnn_calibration_batches=8,
+    digits_cnn_width=16,
+    digits_cnn_image=16,
+    digits_cnn_steps=400,
+    digits_cnn_qat_steps=150,
+    gpt2_embd=256,
+    gpt2_layers=4,
+    gpt2_vocab=512,
+    gpt2_seq=128,
+    gpt2_batch=8,
+    gpt2_rounds=7,
+    gpt2_iterations=3,
+    profile_iterations=5,
 )
 QUICK = Plan(
     seeds=1,
@@ -165,6 +218,24 @@ QUICK = Plan(
     gpu_batch_size=4,
     gpu_rounds=2,
     gpu_iterations=3,
+    cnn_width=16,
+    cnn_image=16,
+    cnn_batch=8,
+    cnn_rounds=2,
+    cnn_iterations=2,
+    cnn_calibration_batches=2,
+    digits_cnn_width=8,
+    digits_cnn_image=8,
+    digits_cnn_steps=30,
+    digits_cnn_qat_steps=10,
+    gpt2_embd=64,
+    gpt2_layers=2,
+    gpt2_vocab=128,
+    gpt2_seq=32,
+    gpt2_batch=2,
+    gpt2_rounds=2,
+    gpt2_iterations=2,
+    profile_iterations=2,
 )
 
 
@@ -672,6 +743,361 @@ def run_gpu(plan: Plan) -> dict[str, Any]:
     return results
 
 
+# --- 5. CNN: converted ResNet on the CPU, and PTQ vs QAT on digits ---------------------------------------
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def zoo() -> Any:
+    """tests/zoo/models.py: the ResNet the capability tests use (a repository checkout is assumed)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.zoo import models
+
+    return models
+
+
+def ours_converted(model: nn.Module, scheme: QuantScheme, example: tuple[tuple[Any, ...], dict[str, Any]]) -> nn.Module:
+    """Our PTQ of a copy of `model`: the callback's default plan (BatchNorms folded into convs), then `convert`."""
+    copied = copy.deepcopy(model).eval()
+    plan = plan_layers(copied, scheme, GROUP_SIZE, example=example)
+    swap_in_fake_quantized(copied, plan.layers, scheme, GROUP_SIZE, plan.folded)
+    return convert(copied)
+
+
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+def torchao_cnn(model: nn.Module, config: Any, example: torch.Tensor) -> nn.Module:
+    """torchao's PTQ of a copy of `model` with `config` on every Conv2d and Linear; raises where torchao cannot."""
+    from torchao.quantization import quantize_
+
+    copied = copy.deepcopy(model).eval()
+    quantize_(copied, config, filter_fn=lambda module, fqn: isinstance(module, (nn.Conv2d, nn.Linear)))
+    with torch.inference_mode():
+        copied(example)
+    return copied
+
+
+def torch_ao_x86_int8(model: nn.Module, example: torch.Tensor, batches: int) -> nn.Module:
+    """torch.ao's static int8 x86 path (FX graph mode: conv+bn+relu fused, observers calibrated, then converted).
+
+    FX rather than eager mode: eager mode needs QuantStub/DeQuantStub and `FloatFunctional` for every residual
+    add written into the model, and the zoo ResNet adds with `+`; FX inserts them from the traced graph.
+    """
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (example,))
+    generator = torch.Generator().manual_seed(99)
+    with torch.inference_mode():
+        for _ in range(batches):
+            prepared(torch.randn(example.shape, generator=generator))
+    return convert_fx(prepared)
+
+
+def timing_resnet(plan: Plan) -> nn.Module:
+    """The zoo ResNet at `cnn_width`, with BatchNorm statistics from a few random batches (not the identity)."""
+    torch.manual_seed(0)
+    model = zoo().ResNet(width=plan.cnn_width).train()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(plan.cnn_batch, 3, plan.cnn_image, plan.cnn_image, generator=generator) * 2 + 0.5)
+    return model.eval()
+
+
+def speed_rows(
+    seconds: dict[str, list[float]], outputs: dict[str, torch.Tensor], sizes: dict[str, int]
+) -> list[list[str]]:
+    """model, median ms, speed-up vs fp32, max |output - fp32|, MB on disk, fraction of fp32's bytes."""
+    base = median(seconds["fp32"])
+    return [
+        [name, f"{1e3 * median(s):.2f}", f"{base / median(s):.2f}x",
+         f"{float((outputs[name] - outputs['fp32']).abs().max()):.4f}",
+         f"{sizes[name] / 1e6:.3f}", f"{sizes[name] / sizes['fp32']:.3f}"]
+        for name, s in seconds.items()
+    ]  # fmt: skip
+
+
+def run_cnn_speed(plan: Plan, schemes: Sequence[QuantScheme]) -> dict[str, Any]:
+    """5a: CPU inference of the converted ResNet vs fp32, fp32 with BN fused, torchao and torch.ao's int8 kernels."""
+    from torch.fx.experimental.optimization import fuse
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    model = timing_resnet(plan)
+    generator = torch.Generator().manual_seed(1)
+    example = torch.randn(plan.cnn_batch, 3, plan.cnn_image, plan.cnn_image, generator=generator)
+    models: dict[str, nn.Module] = {"fp32": model, "fp32 BN fused": fuse(copy.deepcopy(model))}
+    for scheme in schemes:
+        models[f"ours {scheme.name}"] = ours_converted(model, scheme, ((example[:2],), {}))
+    refused: dict[str, str] = {}
+    configs = {"torchao Int8DynamicActivationInt8WeightConfig": Int8DynamicActivationInt8WeightConfig()}
+    configs.update({f"torchao {s.name}": s.torchao_config(GROUP_SIZE) for s in schemes})
+    for name, config in configs.items():
+        try:
+            models[name] = torchao_cnn(model, config, example)
+        except Exception as error:  # torchao refusing convs is a result, printed as such
+            refused[name] = first_line(error)
+    try:
+        models["torch.ao x86 static int8 (reference)"] = torch_ao_x86_int8(model, example, plan.cnn_calibration_batches)
+    except Exception as error:
+        refused["torch.ao x86 static int8 (reference)"] = first_line(error)
+    progress(f"  cnn: {len(models)} variants built, {len(refused)} refused; timing")
+    with torch.inference_mode():
+        outputs = {name: m(example) for name, m in models.items()}
+    sizes = {name: serialized_bytes(m) for name, m in models.items()}
+    seconds = time_interleaved(
+        {name: partial(m, example) for name, m in models.items()}, plan.cnn_rounds, plan.cnn_iterations, warmup=2
+    )
+    print_table(
+        f"5a. CNN CPU inference: zoo ResNet width {plan.cnn_width}, input {tuple(example.shape)}, 1 thread,"
+        f" {plan.cnn_rounds} interleaved rounds x {plan.cnn_iterations}; ours: int8 per-channel convs with BN"
+        " folded (every scheme), dequantized once and convolved in fp32 (dynamic schemes also round each input to"
+        " int8 first); torchao: quantize_ on every Conv2d and Linear",
+        ["model", "median ms", "vs fp32", "max |out - fp32|", "MB on disk", "of fp32"],
+        speed_rows(seconds, outputs, sizes),
+    )
+    for name, error in refused.items():
+        print(f"{name}: refused on the convs: {error}")
+    base = median(seconds["fp32"])
+    return {
+        "input_shape": list(example.shape),
+        "median_inference_s": {name: median(s) for name, s in seconds.items()},
+        "speedup": {name: base / median(s) for name, s in seconds.items()},
+        "speedup_vs_fused": {name: median(seconds["fp32 BN fused"]) / median(s) for name, s in seconds.items()},
+        "state_dict_bytes": sizes,
+        "max_abs_output_diff": {name: float((o - outputs["fp32"]).abs().max()) for name, o in outputs.items()},
+        "refused": refused,
+    }
+
+
+class ImageClassifier(L.LightningModule):
+    """A CNN as a user's LightningModule: cross-entropy on (images, labels) batches, AdamW."""
+
+    def __init__(self, net: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.net, self.lr = net, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
+
+
+def digits_images(side: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The digits train and test splits upsampled (bilinear) to side x side, the channel repeated to RGB."""
+    data = DigitsDataModule()
+    data.setup()
+
+    def images(subset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = subset.tensors
+        if side != pixels.shape[-1]:
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
+        return (pixels - 0.5).repeat(1, 3, 1, 1), labels
+
+    return images(data.train_set), images(data.test_set)
+
+
+@torch.inference_mode()
+def images_scores(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    model.eval()
+    logits = model(test[0])
+    loss = float(F.cross_entropy(logits, test[1]))
+    return {"loss": loss, "accuracy_pct": 100 * float((logits.argmax(-1) == test[1]).float().mean())}
+
+
+def train_classifier(
+    net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], steps: int, lr: float, seed: int, callbacks: list[Any]
+) -> ImageClassifier:
+    L.seed_everything(seed, verbose=False)  # the same batches for the control and every QAT run
+    data = L.LightningDataModule.from_datasets(train_dataset=torch.utils.data.TensorDataset(*train), batch_size=64)
+    module = ImageClassifier(net, lr)
+    fit(module, data, callbacks, max_steps=steps)
+    return module.eval()
+
+
+def run_cnn_accuracy(plan: Plan, schemes: Sequence[QuantScheme]) -> dict[str, Any]:
+    """5b: float / PTQ / QAT test loss of a ResNet on digits; QAT and a float control continue the float checkpoint."""
+    train, test = digits_images(plan.digits_cnn_image)
+    torch.manual_seed(0)
+    float_model = train_classifier(zoo().ResNet(width=plan.digits_cnn_width), train, plan.digits_cnn_steps, 2e-3, 0, [])
+    net = float_model.net
+    scores: dict[str, Any] = {"float": images_scores(net, test)}
+    control = train_classifier(copy.deepcopy(net), train, plan.digits_cnn_qat_steps, 5e-4, 1, [])
+    scores["control"] = images_scores(control, test)
+    noise = abs(scores["control"]["loss"] - scores["float"]["loss"])
+    progress(f"  cnn digits: float {scores['float']}, control {scores['control']}")
+    rows, summary = [], {}
+    example = ((test[0][:2],), {})
+    for scheme in schemes:
+        ptq = ours_converted(net, scheme, example)
+        callback = QuantizationAwareTraining(scheme.name, group_size=GROUP_SIZE)
+        train_classifier(copy.deepcopy(net), train, plan.digits_cnn_qat_steps, 5e-4, 1, [callback])
+        if callback.quantized_model is None:
+            raise RuntimeError(f"QAT run of {scheme.name} on the CNN ended without a converted model")
+        entry = {
+            "layers": len(quantized_layers(ptq)),
+            "ptq": images_scores(ptq, test),
+            "qat": images_scores(callback.quantized_model, test),
+        }
+        degradation = entry["ptq"]["loss"] - scores["float"]["loss"]
+        entry["ptq_degradation"] = degradation
+        entry["recovery"] = recovery(scores["float"]["loss"], entry["ptq"]["loss"], entry["qat"]["loss"])
+        entry["measurable"] = degradation > 0 and degradation >= NOISE_MARGIN * noise
+        summary[scheme.name] = entry
+        verdict = f"{entry['recovery']:.0%}" if entry["measurable"] else f"nothing to recover ({entry['recovery']:.0%})"
+        rows.append([
+            scheme.name, str(entry["layers"]), f"{scores['float']['loss']:.4f}", f"{entry['ptq']['loss']:.4f}",
+            f"{entry['qat']['loss']:.4f}", f"{scores['control']['loss']:.4f}", f"{degradation:+.4f}",
+            f"{entry['qat']['loss'] - scores['control']['loss']:+.4f}", verdict,
+            f"{scores['float']['accuracy_pct']:.2f}", f"{entry['ptq']['accuracy_pct']:.2f}",
+            f"{entry['qat']['accuracy_pct']:.2f}", f"{scores['control']['accuracy_pct']:.2f}",
+        ])  # fmt: skip
+        progress(f"  cnn digits {scheme.name}: PTQ {entry['ptq']['loss']:.4f}, QAT {entry['qat']['loss']:.4f}")
+    print_table(
+        f"5b. CNN PTQ vs QAT: zoo ResNet width {plan.digits_cnn_width} on digits upsampled to"
+        f" {plan.digits_cnn_image}x{plan.digits_cnn_image}, {plan.digits_cnn_steps} float steps, then"
+        f" {plan.digits_cnn_qat_steps} QAT steps (control: the same steps in float); test set ({len(test[1])} images)",
+        ["scheme", "layers", "float loss", "PTQ loss", "QAT loss", "control loss", "PTQ-float", "QAT-control",
+         "recovered",
+         "float acc %", "PTQ acc %", "QAT acc %", "control acc %"],
+        rows,
+    )  # fmt: skip
+    print(
+        f"recovered = (PTQ - QAT) / (PTQ - float) of the loss; noise floor |control - float| = {noise:.4f}; it is"
+        f" 'nothing to recover' where PTQ - float < {NOISE_MARGIN}x that noise (int8 per-channel convs lose"
+        " almost nothing here). layers: converted layers (convs, and the scheme's Linear: the head stays float)"
+    )
+    return {"scores": scores, "noise_floor": noise, "summary": summary}
+
+
+def run_cnn(plan: Plan, schemes: Sequence[QuantScheme]) -> dict[str, Any]:
+    print("\n5. CNN: converted ResNet (int8 per-channel convs, BatchNorm folded) on the CPU, and PTQ vs QAT")
+    return {"speed": run_cnn_speed(plan, schemes), "accuracy": run_cnn_accuracy(plan, schemes)}
+
+
+# --- 6. GPT-2: converted HF GPT-2 on the CPU, and where its time goes ------------------------------------
+
+
+def hf_conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every HF `Conv1D` replaced by the same `nn.Linear` (torchao quantizes Linears only)."""
+    from transformers.pytorch_utils import Conv1D
+
+    copied = copy.deepcopy(model)
+    for name, module in list(copied.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = nn.Linear(*module.weight.shape)
+            linear.weight.data, linear.bias.data = module.weight.data.t().contiguous(), module.bias.data.clone()
+            parent, _, child = name.rpartition(".")
+            setattr(copied.get_submodule(parent), child, linear)
+    return copied
+
+
+def linear_in(names: set[str]) -> Callable[[nn.Module, str], bool]:
+    """torchao's `filter_fn` for the Linears among `names` (the layers ours quantized, Conv1Ds now Linears)."""
+    return lambda module, fqn: isinstance(module, nn.Linear) and fqn in names
+
+
+def lm_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens).logits
+
+
+def top_ops(model: nn.Module, tokens: torch.Tensor, iterations: int, count: int = 8) -> list[dict[str, Any]]:
+    """The `count` ops with the most self CPU time over `iterations` forwards (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        lm_logits(model, tokens)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as profiler:
+            for _ in range(iterations):
+                lm_logits(model, tokens)
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {"op": e.key, "calls_per_forward": e.count / iterations, "self_ms_per_forward": e.self_cpu_time_total / 1e3
+         / iterations, "share": e.self_cpu_time_total / total}
+        for e in events[:count]
+    ]  # fmt: skip
+
+
+def run_gpt2(plan: Plan, schemes: Sequence[QuantScheme]) -> dict[str, Any]:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=plan.gpt2_vocab, n_positions=plan.gpt2_seq, n_embd=plan.gpt2_embd,
+                        n_layer=plan.gpt2_layers, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, plan.gpt2_vocab, (plan.gpt2_batch, plan.gpt2_seq), generator=generator)
+    title = (f"GPT-2 (HF GPT2LMHeadModel, n_embd {plan.gpt2_embd}, {plan.gpt2_layers} layers,"
+             f" vocab {plan.gpt2_vocab}), tokens {tuple(tokens.shape)}")  # fmt: skip
+    print(f"\n6. {title}: converted vs fp32 vs torchao PTQ on the CPU")
+    as_linear = hf_conv1d_as_linear(model)
+    models: dict[str, nn.Module] = {"fp32": model}
+    layers: dict[str, int] = {}
+    for scheme in schemes:
+        ours = ours_converted(model, scheme, ((), {"input_ids": tokens[:1]}))
+        models[f"ours {scheme.name}"] = ours
+        names = set(quantized_layers(ours))
+        layers[scheme.name] = len(names)
+        peer = copy.deepcopy(as_linear).eval()
+        quantize_(peer, scheme.torchao_config(GROUP_SIZE), filter_fn=linear_in(names))
+        models[f"torchao {scheme.name}"] = peer
+    if any(s.name == "int8_dynamic" for s in schemes):
+        names = set(quantized_layers(models["ours int8_dynamic"]))
+        peer = copy.deepcopy(as_linear).eval()
+        quantize_(peer, Int8DynamicActivationInt8WeightConfig(), filter_fn=linear_in(names))
+        models["torchao Int8DynamicActivationInt8WeightConfig"] = peer
+    progress(f"  gpt2: {len(models)} variants built; timing")
+    with torch.inference_mode():
+        outputs = {name: lm_logits(m, tokens) for name, m in models.items()}
+    sizes = {name: serialized_bytes(m) for name, m in models.items()}
+    seconds = time_interleaved(
+        {name: partial(lm_logits, m, tokens) for name, m in models.items()},
+        plan.gpt2_rounds,
+        plan.gpt2_iterations,
+        warmup=2,
+    )
+    print_table(
+        f"6a. {title}: CPU inference, 1 thread, {plan.gpt2_rounds} interleaved rounds x {plan.gpt2_iterations};"
+        " ours: every HF Conv1D and the position embedding quantized, the tied wte/lm_head float; torchao: the same"
+        " Conv1Ds as nn.Linear (it quantizes Linears only)",
+        ["model", "median ms", "vs fp32", "max |logit - fp32|", "MB on disk", "of fp32"],
+        speed_rows(seconds, outputs, sizes),
+    )
+    profiled = {"fp32": model}
+    if "ours int8_dynamic" in models:
+        profiled["ours int8_dynamic"] = models["ours int8_dynamic"]
+    profiles = {name: top_ops(m, tokens, plan.profile_iterations) for name, m in profiled.items()}
+    for name, ops in profiles.items():
+        print_table(
+            f"6b. profile of {name}: top ops by self CPU time, {plan.profile_iterations} forwards",
+            ["op", "calls/forward", "self ms/forward", "share"],
+            [[o["op"], f"{o['calls_per_forward']:.0f}", f"{o['self_ms_per_forward']:.2f}", f"{o['share']:.1%}"]
+             for o in ops],
+        )  # fmt: skip
+    base = median(seconds["fp32"])
+    return {
+        "tokens_shape": list(tokens.shape),
+        "quantized_layers": layers,
+        "median_inference_s": {name: median(s) for name, s in seconds.items()},
+        "speedup": {name: base / median(s) for name, s in seconds.items()},
+        "state_dict_bytes": sizes,
+        "max_abs_logit_diff": {name: float((o - outputs["fp32"]).abs().max()) for name, o in outputs.items()},
+        "profile_top_ops": profiles,
+    }
+
+
 # --- goals and main ------------------------------------------------------------------------------------
 
 
@@ -711,6 +1137,45 @@ def collect_goals(report: dict[str, Any], schemes: Sequence[QuantScheme]) -> lis
         goals.append(Goal(f"GPU: ours <= {target:.2f}x float step ({mode})",
                           f"{ratio:.2f}x" if ratio else "skipped (no CUDA)" if gpu else "not run",
                           ratio <= target if ratio else None))  # fmt: skip
+    goals += cnn_gpt2_goals(report, schemes)
+    return goals
+
+
+CNN_SPEEDUP_GOAL = 2.0
+GPT2_GOALS = {"int8_dynamic": 1.5, "int4_weight_only": 1.0}
+
+
+def cnn_gpt2_goals(report: dict[str, Any], schemes: Sequence[QuantScheme]) -> list[Goal]:
+    """Parts 5 and 6: converted CNN and GPT-2 speed vs fp32, and QAT recovery on the digits CNN."""
+    goals = []
+    cnn = report.get("cnn")
+    speed = cnn["speed"] if cnn else None
+    for scheme in schemes:
+        name = f"ours {scheme.name}"
+        measured = (f"{speed['speedup'][name]:.2f}x fp32 eager, {speed['speedup_vs_fused'][name]:.2f}x fp32 BN-fused"
+                    if speed else "not run")  # fmt: skip
+        goals.append(Goal(f"CNN: {scheme.name} converted ResNet >= {CNN_SPEEDUP_GOAL:.0f}x fp32 CPU inference",
+                          measured, speed["speedup"][name] >= CNN_SPEEDUP_GOAL if speed else None))  # fmt: skip
+    accuracy = cnn["accuracy"] if cnn else None
+    for scheme in schemes:
+        entry = accuracy["summary"][scheme.name] if accuracy else None
+        measured = (
+            f"{entry['recovery']:.0%} (PTQ-float {entry['ptq_degradation']:+.4f}, noise {accuracy['noise_floor']:.4f}"
+            f"{')' if entry['measurable'] else '; nothing to recover: undetermined)'}"
+            if entry and accuracy
+            else "not run"
+        )
+        met = entry["recovery"] >= RECOVERY_GOAL if entry and entry["measurable"] else None
+        goals.append(Goal(f"CNN digits: QAT recovers >= {RECOVERY_GOAL:.0%} of {scheme.name} PTQ loss", measured, met))
+    gpt2 = report.get("gpt2")
+    for name, target in GPT2_GOALS.items():
+        if not any(s.name == name for s in schemes):
+            continue
+        ratio = gpt2["speedup"][f"ours {name}"] if gpt2 else None
+        peer = gpt2["speedup"].get(f"torchao {name}") if gpt2 else None
+        measured = f"{ratio:.2f}x (torchao {peer:.2f}x)" if ratio and peer else "not run"
+        goals.append(Goal(f"GPT-2: {name} converted >= {target:.1f}x fp32 CPU inference", measured,
+                          ratio >= target if ratio else None))  # fmt: skip
     return goals
 
 
@@ -769,6 +1234,8 @@ def main() -> None:
         "step_time": lambda: run_step_time(plan, schemes, args.compile),
         "inference": lambda: run_inference(plan, schemes, trained),
         "gpu": lambda: run_gpu(plan),
+        "cnn": lambda: run_cnn(plan, schemes),
+        "gpt2": lambda: run_gpt2(plan, schemes),
     }
     run_parts({part: run for part, run in runs.items() if part in parts}, report, lambda: write_json(args.json, report))
     print("\ngoals")
