@@ -24,8 +24,9 @@ lightning_eff and its peers run side by side in one process, on the same models,
 5. ``cnn``: (a) median CPU inference time and bytes on disk (torch.save of the state_dict) of the zoo ResNet
    (`tests/zoo/models.py`, width 32, batch 32 of 32x32 images): fp32 eager, fp32 with BatchNorm fused
    (`torch.fx.experimental.optimization.fuse`, the fair float baseline), ours converted in each scheme (int8
-   per-channel convs, BN folded, dequantized once and convolved in fp32, so about fp32's speed: the dynamic
-   schemes are slower, they round every conv input to int8 first), torchao's PTQ (`quantize_` on every Conv2d
+   per-channel convs, BN folded; the dynamic schemes round each conv input to uint8 with one scale and
+   convolve in oneDNN's int8 kernel, the weight-only ones dequantize once and convolve in fp32, about fp32's
+   speed), torchao's PTQ (`quantize_` on every Conv2d
    and Linear; the configs it refuses on convs are printed with their error) and, as the reference of what a
    real int8 conv kernel gives on this CPU, torch.ao's static x86 int8 path (FX graph mode: conv+bn+relu fused,
    8 calibration batches). (b) PTQ vs QAT on digits: a width-16 ResNet on digits upsampled to 16x16, 400
@@ -855,8 +856,8 @@ def run_cnn_speed(plan: Plan, schemes: Sequence[QuantScheme]) -> dict[str, Any]:
     print_table(
         f"5a. CNN CPU inference: zoo ResNet width {plan.cnn_width}, input {tuple(example.shape)}, 1 thread,"
         f" {plan.cnn_rounds} interleaved rounds x {plan.cnn_iterations}; ours: int8 per-channel convs with BN"
-        " folded (every scheme), dequantized once and convolved in fp32 (dynamic schemes also round each input to"
-        " int8 first); torchao: quantize_ on every Conv2d and Linear",
+        " folded (every scheme); dynamic schemes: uint8 inputs (one scale) x int8 weights in oneDNN, weight-only"
+        " schemes: dequantized once, fp32 convolution; torchao: quantize_ on every Conv2d and Linear",
         ["model", "median ms", "vs fp32", "max |out - fp32|", "MB on disk", "of fp32"],
         speed_rows(seconds, outputs, sizes),
     )

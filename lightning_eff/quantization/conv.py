@@ -10,8 +10,10 @@ the folded, rounded conv that `convert` stores. The BatchNorm module stays where
 and the model's forward are untouched); `convert` replaces it by `nn.Identity`.
 
 Weights: int8, one scale per output channel, for every scheme (int4 convolutions lose too much and no CPU
-kernel gains from them). Activations: the dynamic schemes round each sample's input per tensor to int8, the
-weight-only schemes keep float inputs. Users of Lightning's removed QAT callback asked for this fusion
+kernel gains from them). Activations: the dynamic schemes round a conv's whole input (the batch) to asymmetric
+int8 with one scale, as PyTorch's dynamic quantization does and as oneDNN's int8 convolution takes it (that
+kernel is what makes the converted conv faster: `convert.QuantizedConv`); the weight-only schemes keep float
+inputs. Users of Lightning's removed QAT callback asked for this fusion
 (Lightning #12890, #12899).
 """
 
@@ -138,10 +140,10 @@ def fake_quantize_conv_weight(weight: Tensor) -> Tensor:
 
 
 def fake_quantize_conv_input(x: Tensor) -> Tensor:
-    """Each sample's input rounded per tensor to asymmetric int8 (the dynamic schemes' activations)."""
-    if x.dim() < 2 or x.shape[0] == 0:
+    """The input rounded to asymmetric int8 with one scale for the whole tensor (the dynamic schemes)."""
+    if x.numel() == 0:
         return x
-    return fake_quantize_activation(x.reshape(x.shape[0], -1)).reshape(x.shape)
+    return fake_quantize_activation(x.reshape(1, -1)).reshape(x.shape)
 
 
 class _FakeQuantizedConv:

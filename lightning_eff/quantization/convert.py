@@ -34,7 +34,12 @@ from lightning_eff.quantization.conv import (
     folded_weight_and_bias,
 )
 from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
-from lightning_eff.quantization.fake_quant import activation_integers, activation_qparams, quantize_weight
+from lightning_eff.quantization.fake_quant import (
+    activation_integers,
+    activation_qparams,
+    quantize_weight,
+    range_qparams,
+)
 from lightning_eff.quantization.prepare import (
     FAKE_QUANTIZED,
     FakeQuantizedConv1D,
@@ -235,10 +240,16 @@ class QuantizedConv(nn.Module):
     """A Conv1d/Conv2d holding int8 weights (one scale per output channel), its BatchNorm folded in.
 
     Buffers: ``qweight`` (int8, the conv weight's shape), ``scales`` (float32 [out]) and ``bias`` (float32,
-    the folded BN shift when there was one). The forward dequantizes the weight once (cached in eager mode,
-    recomputed inside export and compile) and convolves in float: the saving is in bytes, not in time, as no
-    int8 convolution with dynamic activations runs faster than fp32 on this CPU's torch build. The dynamic
-    schemes round each sample's input to int8 first, as in training.
+    the folded BN shift when there was one). How it convolves, measured on this project's x86 CPU
+    (`benchmarks/quantization.py --only cnn`):
+
+    - dynamic schemes, Conv2d, eager on the CPU: the input is rounded to uint8 with one scale for the tensor,
+      as in training, and oneDNN's int8 convolution (``onednn::qconv2d_pointwise``, the kernel PyTorch's x86
+      int8 inference uses) multiplies uint8 x int8 and writes fp32 (channels-last, which the next conv takes
+      as it is): equal to the dequantized computation within float rounding, and several times faster than
+      fp32. The weight is packed for oneDNN once, on first use (not saved);
+    - weight-only schemes, Conv1d, inside export or compile, or another device: the weight is dequantized once
+      (cached in eager mode) and convolved in fp32, so the saving is in bytes, not time.
     """
 
     qweight: Tensor
@@ -261,6 +272,7 @@ class QuantizedConv(nn.Module):
         self.register_buffer("scales", scales.reshape(-1))
         self.register_buffer("bias", None if bias is None else bias.float().clone())
         self._float_weight: Tensor | None = None
+        self._packed: Tensor | None = None  # oneDNN's layout of qweight, made on first use; never saved
 
     @classmethod
     def from_fake_quantized(cls, layer: nn.Module) -> QuantizedConv:
@@ -278,11 +290,11 @@ class QuantizedConv(nn.Module):
         return self.out_channels
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedConv:
-        self._float_weight = None
+        self._float_weight = self._packed = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._float_weight = None
+        self._float_weight = self._packed = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def float_weight(self) -> Tensor:
@@ -295,7 +307,43 @@ class QuantizedConv(nn.Module):
                 self._float_weight = self.qweight.float() * self.scales.reshape(shape)
         return self._float_weight
 
+    def _int8_kernel_applies(self, x: Tensor) -> bool:
+        return (
+            self.scheme.activation_bits is not None
+            and self.dims == 2
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.dim() == 4
+            and x.numel() > 0
+            and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available()
+        )
+
+    def _int8_convolution(self, x: Tensor) -> Tensor:
+        """uint8 input (one scale, as training rounded it) x int8 weight in oneDNN, fp32 out.
+
+        The scale and zero point are the fake quantizer's over the whole tensor (signed zero point z is the
+        unsigned z + 128); `torch.quantize_per_tensor` rounds in one pass and keeps the memory format, so a
+        channels-last activation is never copied.
+        """
+        scale, zero_point = range_qparams(x.detach().amin(), x.detach().amax())
+        unsigned_zero = (zero_point + 128).to(torch.int64).reshape(())
+        unsigned = torch.quantize_per_tensor(x.detach(), scale.reshape(()), unsigned_zero, torch.quint8).int_repr()
+        geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if self._packed is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._packed = torch.ops.onednn.qconv_prepack(self.qweight, self.scales, 1.0, 0, *geometry, None)
+        weight_zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+        return torch.ops.onednn.qconv2d_pointwise.tensor(
+            unsigned, scale.reshape(()), unsigned_zero, self._packed, self.scales, weight_zero_points, self.bias,
+            *geometry, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._int8_kernel_applies(x):
+            return self._int8_convolution(x)
         if self.scheme.activation_bits is not None:
             x = fake_quantize_conv_input(x)
         convolve = F.conv1d if self.dims == 1 else F.conv2d

@@ -74,11 +74,15 @@ def fake_quantize_weight(weight: Tensor, bits: int, group_size: int | None) -> T
 
 def activation_qparams(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """Per-token asymmetric scale and zero point in `x`'s dtype, shape [..., 1]: the range always includes 0."""
-    low, high = integer_range(bits)
     detached = x.detach()
-    min_value = detached.amin(dim=-1, keepdim=True).clamp(max=0)
-    max_value = detached.amax(dim=-1, keepdim=True).clamp(min=0)
-    scale = ((max_value - min_value) / float(high - low)).clamp(min=_floor(x.dtype))
+    return range_qparams(detached.amin(dim=-1, keepdim=True), detached.amax(dim=-1, keepdim=True), bits)
+
+
+def range_qparams(min_value: Tensor, max_value: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Asymmetric scale and zero point (signed) for values in [min_value, max_value], widened to include 0."""
+    low, high = integer_range(bits)
+    min_value, max_value = min_value.clamp(max=0), max_value.clamp(min=0)
+    scale = ((max_value - min_value) / float(high - low)).clamp(min=_floor(min_value.dtype))
     zero_point = torch.clamp(low - torch.round(min_value / scale), low, high)
     return scale, zero_point
 

@@ -142,3 +142,20 @@ def test_a_converted_conv_model_exports_with_a_dynamic_batch() -> None:
     other = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(program.module()(other), converted(other), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not in this torch build")
+def test_dynamic_schemes_convolve_in_onednn_int8_and_equal_the_dequantized_computation() -> None:
+    model, x = conv_bn(), torch.randn(4, 3, 12, 12)
+    swap_in_fake_quantized(model, ["0", "3"], SCHEMES["int8_dynamic"], 32)
+    converted = convert(model)
+    conv = converted[0]
+    assert isinstance(conv, QuantizedConv) and conv._packed is None
+    with torch.no_grad():
+        fake = model.eval()(x)
+        got = converted(x)
+    assert conv._packed is not None  # the int8 kernel ran (its packed weight was made on first use)
+    assert torch.allclose(got, fake, rtol=1e-4, atol=1e-4)  # uint8 x int8 in oneDNN = the rounded fp32 maths
+    program = torch.export.export(converted, (x,))  # inside export: the dequantized fp32 path
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), got, rtol=1e-4, atol=1e-4)
