@@ -15,6 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_eff.distributed import destroy_process_group_at_exit
+from lightning_eff.pruning.sparse_format import packed_state_bytes, save_sparse
 from lightning_eff.quantization.convert import convert, weight_bytes
 from lightning_eff.quantization.export import NotExportableError, check_exportable, save_quantized
 from lightning_eff.quantization.measure import evaluate_test_set, inference_seconds
@@ -227,6 +228,14 @@ class QuantizationAwareTraining(L.Callback):
                 raise RuntimeError("export_path needs one forward call of the model to trace; none was seen")
             path = save_quantized(self.quantized_model.cpu(), self.export_path, *example)
             rank_zero_info(f"QuantizationAwareTraining: wrote the {self.scheme.name} model to {path}")
+            state = self.quantized_model.state_dict()
+            packed, dense = packed_state_bytes(state), sum(t.numel() * t.element_size() for t in state.values())
+            if packed <= SPARSE_EXPORT_SHARE * dense:  # pruned: its zeros are worth a packed copy of the weights
+                sparse = save_sparse(state, sparse_export_path(path))
+                rank_zero_info(
+                    f"QuantizationAwareTraining: the weights are sparse: also wrote {sparse} ({packed} bytes "
+                    f"packed vs {dense}; load_sparse_into(convert(model), path) rebuilds them)"
+                )
 
     # --- checkpointing -------------------------------------------------------------------------------
 
@@ -267,6 +276,7 @@ class QuantizationAwareTraining(L.Callback):
         pl_module = trainer.lightning_module
         converted = self.quantized_model.cpu()
         stored, fp32 = weight_bytes(converted)
+        state = converted.state_dict()
         summary: dict[str, Any] = {
             "scheme": self.scheme.name,
             "group_size": self.scheme.weight_group_size(self.group_size),
@@ -279,6 +289,7 @@ class QuantizationAwareTraining(L.Callback):
             "weight_size_ratio": stored / fp32,
             "model_bytes_fp32": self._float_bytes,
             "model_bytes_quantized": state_dict_bytes(converted),
+            "model_bytes_packed": packed_state_bytes(state),  # pruned zeros as sparse_format stores them
         }
         if self._example is not None:
             args, kwargs = self._example
@@ -302,6 +313,15 @@ class QuantizationAwareTraining(L.Callback):
             rows = [{"metric": key, "fake_quantized": before_metrics[key], "converted": after_metrics.get(key)}
                     for key in before_metrics]  # fmt: skip
         return ReportSection(name="quantization", summary=summary, rows=rows)
+
+
+SPARSE_EXPORT_SHARE = 0.8
+"""With ``export_path``, a packed copy of the converted weights is written too when it is at most this share."""
+
+
+def sparse_export_path(path: Path) -> Path:
+    """Where the packed (sparse_format) copy of an export goes: ``model.pt2`` -> ``model.sparse.pt``."""
+    return path.with_suffix(".sparse.pt")
 
 
 def _example_of(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_eff import GradualPruning
+from lightning_eff.pruning.sparse_format import load_sparse_into
 from lightning_eff.quantization import QuantizationAwareTraining, QuantizedLinear
 from lightning_eff.quantization.attention import QuantizedMultiheadAttention
 from lightning_eff.quantization.convert import QUANTIZED, QuantizedConv, QuantizedEmbedding, convert, weight_bytes
@@ -324,3 +325,40 @@ def test_pruned_weights_stay_exactly_zero_through_qat_and_conversion(tmp_path: P
         assert isinstance(layer, QuantizedLinear)
         integers = layer.integer_weight().t()  # stored [out, in]: back to the Conv1D layout of the mask
         assert mask.any() and bool((integers[mask] == 0).all()), name
+
+
+def test_a_pruned_model_exports_a_packed_copy_that_rebuilds_the_converted_weights(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    task = ZooTask("llama")
+    task.example_input_array = example("llama")
+    pruning = GradualPruning(target_sparsity=0.9, scope="layer", update_every=1, end_step=2)
+    qat = QuantizationAwareTraining("int4_weight_only", group_size=GROUP, export_path=str(tmp_path / "llama.pt2"))
+    trainer = L.Trainer(callbacks=[pruning, qat], max_steps=3, **QUIET)
+    trainer.fit(task, DataLoader(ZooBatches("llama", count=3), batch_size=None))
+    packed = tmp_path / "llama.sparse.pt"
+    assert (tmp_path / "llama.pt2").is_file() and packed.is_file()
+    converted = qat.quantized_model
+    assert converted is not None
+    section = qat.report_section(trainer, tmp_path)
+    assert (
+        section is not None and section.summary["model_bytes_packed"] < 0.8 * section.summary["model_bytes_quantized"]
+    )
+    blank = convert(task)  # the same structure, rebuilt from the training model
+    with torch.no_grad():
+        for tensor in blank.state_dict().values():
+            tensor.zero_()
+    load_sparse_into(blank, packed)
+    inputs = example("llama", seed=2)
+    with torch.no_grad():
+        assert torch.equal(outputs(blank.model, inputs), outputs(converted.model, inputs))
+
+
+def test_a_dense_model_exports_no_packed_copy(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    task = ZooTask("llama")
+    task.example_input_array = example("llama")
+    qat = QuantizationAwareTraining("int8_dynamic", export_path=str(tmp_path / "llama.pt2"))
+    L.Trainer(callbacks=[qat], max_steps=2, **QUIET).fit(
+        task, DataLoader(ZooBatches("llama", count=2), batch_size=None)
+    )
+    assert (tmp_path / "llama.pt2").is_file() and not (tmp_path / "llama.sparse.pt").exists()
