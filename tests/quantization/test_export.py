@@ -43,11 +43,10 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def converted(name: str, scheme: str) -> nn.Module:
-    """A zoo model with its Linear (and HF Conv1D) layers fake-quantized, then converted."""
+    """A zoo model with the layers the plan selects (embeddings, convs and attentions among them) converted."""
     model = build(name)
     plan = plan_layers(model, SCHEMES[scheme], GROUP)
-    layers = [layer for layer in plan.layers if not isinstance(model.get_submodule(layer), nn.Embedding)]
-    swap_in_fake_quantized(model, layers, SCHEMES[scheme], GROUP)
+    swap_in_fake_quantized(model, plan.layers, SCHEMES[scheme], GROUP, plan.folded)
     return convert(model)
 
 
@@ -79,6 +78,20 @@ def test_the_exported_model_takes_other_batch_sizes_and_sequence_lengths(
             got = logits_of(loaded(**inputs)).float()
         assert got.shape == expected.shape and got.shape[:2] == (batch, seq)
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.99
+        assert (got - expected).norm() <= 0.02 * expected.norm()
+
+
+@pytest.mark.parametrize(("name", "scheme"), [("resnet", "int8_dynamic"), ("vit", "int4_weight_only"),
+                                            ("depthwise_cnn", "int8_dynamic_act_int4_weight")])  # fmt: skip
+def test_an_exported_image_model_takes_other_batch_sizes(tmp_path: Path, name: str, scheme: str) -> None:
+    model = converted(name, scheme)
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loaded = load_quantized(save_quantized(model, tmp_path / f"{name}.pt2", (images,)))
+    for batch in (1, 7):
+        other = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected, got = model(other), loaded(other)
+        assert got.shape == expected.shape == (batch, expected.shape[1])
         assert (got - expected).norm() <= 0.02 * expected.norm()
 
 
