@@ -47,6 +47,7 @@ from lightning_eff.quantization.prepare import (
     keep_off_fused_paths,
 )
 from lightning_eff.quantization.pretrained import guard_save_pretrained
+from lightning_eff.quantization.registered import FakeQuantizedRegistered, QuantizedRegistered, quantized_registered
 from lightning_eff.quantization.schemes import QuantScheme
 
 
@@ -357,6 +358,7 @@ class QuantizedConv(nn.Module):
 
 
 QUANTIZED: tuple[type[nn.Module], ...] = (
+    QuantizedRegistered,
     QuantizedLinear,
     QuantizedEmbedding,
     QuantizedConv,
@@ -367,7 +369,9 @@ AnyQuantized = QuantizedLinear | QuantizedEmbedding | QuantizedConv
 """The converted kinds that hold their own integers (a `QuantizedMultiheadAttention` holds two `QuantizedLinear`s)."""
 
 
-def _quantized(layer: nn.Module) -> AnyQuantized | QuantizedMultiheadAttention:
+def _quantized(layer: nn.Module) -> AnyQuantized | QuantizedMultiheadAttention | QuantizedRegistered:
+    if isinstance(layer, FakeQuantizedRegistered):
+        return quantized_registered(layer)
     if isinstance(layer, FakeQuantizedMultiheadAttention):
         return QuantizedMultiheadAttention.from_fake_quantized(layer)
     if isinstance(layer, FakeQuantizedEmbedding):
@@ -408,11 +412,11 @@ def convert(model: nn.Module) -> nn.Module:
     return guard_save_pretrained(converted)  # HF's save_pretrained would drop the integers: refused, with why
 
 
-def quantized_layers(model: nn.Module) -> dict[str, AnyQuantized]:
+def quantized_layers(model: nn.Module) -> dict[str, AnyQuantized | QuantizedRegistered]:
     """Every converted layer of `model` by qualified name (a tied pair appears under both names)."""
-    found: dict[str, AnyQuantized] = {}
+    found: dict[str, AnyQuantized | QuantizedRegistered] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedConv)):
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedConv, QuantizedRegistered)):
             found[name] = module
     return found
 
@@ -429,5 +433,7 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
             continue
         seen.add(id(layer.qweight))
         stored += sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales))
-        fp32 += 4 * layer.in_features * layer.out_features
+        fp32 += 4 * (
+            layer.weight_numel if isinstance(layer, QuantizedRegistered) else layer.in_features * layer.out_features
+        )
     return stored, fp32

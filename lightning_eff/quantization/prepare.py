@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_eff.pruning.layers import prunable_kind
 from lightning_eff.quantization.attention import FakeQuantizedMultiheadAttention, restore_float_mha
 from lightning_eff.quantization.conv import (
     CONV_KINDS,
@@ -20,6 +21,11 @@ from lightning_eff.quantization.conv import (
 )
 from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import fake_quantize_activation, fake_quantize_weight
+from lightning_eff.quantization.registered import (
+    FakeQuantizedRegistered,
+    fake_quantized_registered,
+    restore_registered,
+)
 from lightning_eff.quantization.schemes import QuantScheme
 from lightning_eff.validation import ConfigError, match_globs
 
@@ -118,6 +124,7 @@ FAKE_QUANTIZED: tuple[type[nn.Module], ...] = (
     FakeQuantizedConv1D,
     FakeQuantizedEmbedding,
     FakeQuantizedMultiheadAttention,
+    FakeQuantizedRegistered,
     *FAKE_CONVS.values(),
 )
 """The fake-quantized layer kinds `swap_in_fake_quantized` creates and `convert` turns into real low-bit ones."""
@@ -152,16 +159,44 @@ def _is_packed_attention(module: nn.Module) -> bool:
     return type(module) is nn.MultiheadAttention and module._qkv_same_embed_dim
 
 
+NATIVE_KINDS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.MultiheadAttention,
+    nn.Embedding,
+)
+"""Module types with a fake-quantized twin of their own; another kind registered for pruning takes the generic one."""
+
+
+def _is_registered_kind(module: nn.Module) -> bool:
+    """A kind a user registered with `pruning.layers.register_prunable` (one registry for pruning and QAT)."""
+    if isinstance(module, FakeQuantizedRegistered):
+        return True
+    return prunable_kind(module) is not None and not isinstance(module, NATIVE_KINDS) and not _is_conv1d(module)
+
+
+def _weight_name(module: nn.Module) -> str:
+    kind = prunable_kind(module)
+    return kind.weight if kind is not None else "weight"
+
+
 def _quantizable(module: nn.Module) -> bool:
-    """A layer the plan may select: Linear-like, `nn.Embedding`, `nn.Conv1d/2d` or a packed `nn.MultiheadAttention`
-    (exactly these types: a subclass may compute otherwise)."""
+    """A layer the plan may select: Linear-like, `nn.Embedding`, `nn.Conv1d/2d`, a packed `nn.MultiheadAttention`
+    (exactly these types: a subclass may compute otherwise), or a kind registered with `register_prunable`."""
     kinds = (nn.Embedding, FakeQuantizedEmbedding)
-    return _quantizable_linear(module) or type(module) in kinds or _is_conv(module) or _is_packed_attention(module)
+    native = _quantizable_linear(module) or type(module) in kinds or _is_conv(module) or _is_packed_attention(module)
+    return native or _is_registered_kind(module)
 
 
 def _in_features(module: nn.Module) -> int:
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim
+    if _is_registered_kind(module):
+        kind = prunable_kind(module)
+        assert kind is not None
+        return kind.input_width(module)
     if _is_conv1d(module) or isinstance(module, FakeQuantizedConv1D):
         return int(module.get_parameter("weight").shape[0])
     return int(module.get_parameter("weight").shape[1])
@@ -303,8 +338,9 @@ def plan_layers(
             raise ConfigError("include", name, f"cannot be quantized: {problem}")
     if scheme.grouped:
         for name in selected:
-            if _is_conv(model.get_submodule(name)):
-                continue  # convolutions take int8 weights per output channel in every scheme: no groups
+            layer = model.get_submodule(name)
+            if _is_conv(layer) or (_is_registered_kind(layer) and layer.get_parameter(_weight_name(layer)).dim() > 2):
+                continue  # convolutions (and registered kinds with 3+-dim weights) take one scale per output channel
             width = _in_features(model.get_submodule(name))
             if width % group_size:
                 raise ConfigError("group_size", group_size,
@@ -380,6 +416,10 @@ def swap_in_fake_quantized(
             swapped = FakeQuantizedLinear.from_linear(layer, scheme, group_size)
         elif isinstance(layer, nn.Embedding):
             swapped = FakeQuantizedEmbedding.from_embedding(layer, scheme, group_size)
+        elif _is_registered_kind(layer):
+            kind = prunable_kind(layer)
+            assert kind is not None
+            swapped = fake_quantized_registered(layer, kind, scheme, group_size)
         elif isinstance(layer, nn.MultiheadAttention):
             swapped = FakeQuantizedMultiheadAttention.from_mha(layer, scheme, group_size)
         elif type(layer) in CONV_KINDS:
@@ -438,6 +478,8 @@ def restore_float_modules(model: nn.Module) -> nn.Module:
             return float_conv(layer)
         if isinstance(layer, FakeQuantizedMultiheadAttention):
             return restore_float_mha(layer)
+        if isinstance(layer, FakeQuantizedRegistered):
+            return restore_registered(layer)
         if isinstance(layer, FakeQuantizedEmbedding):
             restored = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device="meta",
                                     scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)  # fmt: skip
