@@ -305,9 +305,10 @@ def fake_quantized_copy(model: nn.Module, scheme: QuantScheme) -> nn.Module:
 
 
 def torchao_filter(model: nn.Module, scheme: QuantScheme) -> Callable[[nn.Module, str], bool]:
-    """torchao's `filter_fn` for exactly the layers our callback quantizes (every Linear but the head)."""
+    """torchao's `filter_fn` for the Linear layers our callback quantizes (every one but the head; torchao's
+    configs take Linears only, so the embeddings our callback also quantizes stay float on its side)."""
     names = set(select_layers(model, scheme, GROUP_SIZE))
-    return lambda module, fqn: fqn in names
+    return lambda module, fqn: fqn in names and isinstance(module, nn.Linear)
 
 
 def torchao_quantized(model: nn.Module, scheme: QuantScheme) -> nn.Module:
