@@ -1,5 +1,6 @@
 """lightning_eff: Lightning callbacks and strategies that cut the compute cost of training large models."""
 
+from lightning_eff.distillation import KnowledgeDistillation
 from lightning_eff.pruning import GradualPruning
 from lightning_eff.quantization import QuantizationAwareTraining
 from lightning_eff.report import ReportContributor, ReportSection
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EfficientDDPStrategy",
     "GradualPruning",
+    "KnowledgeDistillation",
     "QuantizationAwareTraining",
     "ReportContributor",
     "ReportSection",
