@@ -33,6 +33,7 @@ class Capability:
 CAPABILITIES = (
     Capability("pruning"),
     Capability("quantization"),
+    Capability("distillation"),  # after pruning and QAT: its projections (if any) stay outside their selection
     Capability("compression", strategy_argument="compression", across_ranks="compresses gradients"),
     Capability("balancing", strategy_argument="balancer", across_ranks="balances work"),
 )

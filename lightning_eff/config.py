@@ -327,6 +327,7 @@ def signature_schema(cls: Any) -> type:
     callbacks and strategies need no hand-written copy of their argument list here.
     """
     hints = typing.get_type_hints(cls.__init__)
+    required: list[Any] = []  # a dataclass lists fields without defaults first (a distillation teacher)
     fields: list[Any] = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))]
     for name, parameter in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -334,14 +335,14 @@ def signature_schema(cls: Any) -> type:
         annotation = _omegaconf_type(hints.get(name, Any))
         default = parameter.default
         if default is inspect.Parameter.empty:
-            fields.append((name, annotation))
+            required.append((name, annotation))
         elif isinstance(default, (list, dict, tuple)):
             fields.append((name, annotation, field(default_factory=_constant(default))))
         elif default is None or isinstance(default, (int, float, bool, str)):
             fields.append((name, annotation, field(default=default)))
         else:  # an object default (a nested compressor, a dataclass factory): the class checks it itself
             fields.append((name, Any, field(default=None)))
-    return dataclasses.make_dataclass(f"{cls.__name__}Arguments", fields)
+    return dataclasses.make_dataclass(f"{cls.__name__}Arguments", required + fields)
 
 
 def validate_target_node(group: str, node: DictConfig) -> Any:

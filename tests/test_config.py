@@ -14,7 +14,17 @@ from lightning_eff.config import ConfigError, validate
 from lightning_eff.hydra_config import config_dir
 from tests.conftest import compose_app_config, run_cli
 
-GROUPS = ["trainer", "model", "data", "pruning", "quantization", "compression", "balancing", "experiment"]
+GROUPS = [
+    "trainer",
+    "model",
+    "data",
+    "pruning",
+    "quantization",
+    "distillation",
+    "compression",
+    "balancing",
+    "experiment",
+]
 MEMBERS = [(group, path.stem) for group in GROUPS for path in sorted((config_dir() / group).glob("*.yaml"))]
 NEEDS = {("model", "tiny_gpt"): ["data=text"], ("data", "text"): ["model=tiny_gpt"]}
 NEEDS |= {
@@ -27,7 +37,7 @@ NEEDS |= {
 def test_every_group_has_members() -> None:
     found = {group for group, _ in MEMBERS}
     assert found == set(GROUPS)
-    assert all(("none" in {m for g, m in MEMBERS if g == group}) for group in GROUPS[3:7])
+    assert all(("none" in {m for g, m in MEMBERS if g == group}) for group in GROUPS[3:8])
 
 
 @pytest.mark.parametrize(("group", "member"), MEMBERS, ids=[f"{g}={m}" for g, m in MEMBERS])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -24,6 +25,8 @@ PROJECTIONS = "lightning_eff_distillation_projections"
 """The LightningModule attribute under which `layers` projections are registered (see `KnowledgeDistillation`)."""
 
 PRECISIONS = ("bf16",)
+INITIAL = "initial"
+"""``teacher="initial"``: the student as it is at `setup` (its loaded or pretrained weights), copied and frozen."""
 _WIDTH_ATTRIBUTES = ("out_features", "nf", "embedding_dim", "hidden_size", "embed_dim", "out_channels")
 
 
@@ -76,7 +79,7 @@ class KnowledgeDistillation(L.Callback):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | str,
         loss: str | LossFn = "kl",
         temperature: float = 2.0,
         weight: float = 0.5,
@@ -85,7 +88,9 @@ class KnowledgeDistillation(L.Callback):
         layers: Mapping[str, str] | None = None,
         teacher_precision: str | None = None,
     ) -> None:
-        check(isinstance(teacher, nn.Module), "teacher", type(teacher).__name__, "must be a torch.nn.Module")
+        check(isinstance(teacher, nn.Module) or teacher == INITIAL, "teacher",
+              teacher if isinstance(teacher, str) else type(teacher).__name__,
+              f"must be a torch.nn.Module, or '{INITIAL}' (the student as it is when training starts)")  # fmt: skip
         check(callable(loss) or loss in LOSSES, "loss", loss, f"must be one of {', '.join(LOSSES)} or a callable")
         check_number("temperature", temperature, "must be > 0", lambda v: v > 0 and math.isfinite(v))
         check_number("weight", weight, "must be >= 0", lambda v: v >= 0 and math.isfinite(v))
@@ -101,7 +106,8 @@ class KnowledgeDistillation(L.Callback):
                       f"{key}:{value}", "each entry must map a student module path to a teacher one")  # fmt: skip
         check(teacher_precision is None or teacher_precision in PRECISIONS, "teacher_precision", teacher_precision,
               f"must be null or one of {', '.join(PRECISIONS)}")  # fmt: skip
-        self.teacher = teacher
+        self.teacher_spec = teacher if isinstance(teacher, str) else None
+        self.teacher: nn.Module = teacher if isinstance(teacher, nn.Module) else nn.Identity()  # set in setup
         self.loss = loss
         self.temperature = float(temperature)
         self.weight = float(weight)
@@ -144,6 +150,8 @@ class KnowledgeDistillation(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.teacher_spec == INITIAL and self._fingerprint is None:
+            self.teacher = initial_teacher(_module_at(pl_module, self.student, "student"))
         self.teacher_fingerprint()  # before any cast
         student_parameters = {id(p) for p in pl_module.parameters()}
         check(not any(id(p) in student_parameters for p in self.teacher.parameters()), "teacher",
@@ -401,6 +409,20 @@ def _store(outputs: dict[str, Tensor], name: str) -> Callable[..., None]:
         outputs[name] = pick_output(output)
 
     return hook
+
+
+def initial_teacher(student: nn.Module) -> nn.Module:
+    """A frozen float copy of `student` as it is now: what ``teacher="initial"`` distils from.
+
+    Taken in `setup`, before any optimizer step (so before pruning's first masks); layers that quantization-aware
+    training already swapped in are turned back into float ones in the copy (`restore_float_modules`).
+    """
+    from lightning_eff.quantization import restore_float_modules  # the student's QAT layers, back to float
+
+    teacher = restore_float_modules(copy.deepcopy(student))
+    for name in [n for n, _ in teacher.named_children() if n == PROJECTIONS]:
+        delattr(teacher, name)  # a resumed student's projections are not the teacher's
+    return teacher
 
 
 def _module_at(root: nn.Module, path: str | None, key: str, owner: str = "LightningModule") -> nn.Module:

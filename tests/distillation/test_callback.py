@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 from lightning_eff import GradualPruning, QuantizationAwareTraining
 from lightning_eff.distillation import PROJECTIONS, KnowledgeDistillation
 from lightning_eff.loss_terms import LossContributor
+from lightning_eff.quantization import FakeQuantizedLinear
+from lightning_eff.quantization.prepare import FAKE_QUANTIZED
 from lightning_eff.report import ReportContributor
 from tests.distillation import ddp_worker
 from tests.workers import run_worker
@@ -239,7 +241,7 @@ def test_resume_restores_the_state_and_refuses_another_teacher(tmp_path: Path) -
         ({"student": ""}, "student='': must be a submodule's attribute path"),
         ({"layers": {}}, "layers={}: must be a non-empty mapping"),
         ({"teacher_precision": "fp8"}, "teacher_precision=fp8: must be null or one of bf16"),
-        ({"teacher": "gpt2"}, "teacher=str: must be a torch.nn.Module"),
+        ({"teacher": "gpt2"}, "teacher=gpt2: must be a torch.nn.Module, or 'initial'"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
@@ -328,3 +330,19 @@ def test_resume_loads_the_projections(tmp_path: Path) -> None:
     trainer.fit(resumed, DataLoader(data, batch_size=8), ckpt_path=str(tmp_path / "last.ckpt"))
     assert torch.equal(start.weights["net__0.weight"], saved[f"{PROJECTIONS}.net__0.weight"])  # strict load
     assert distill.steps == 3
+
+
+def test_the_initial_teacher_is_a_frozen_float_copy_of_the_student_before_training() -> None:
+    student = ZooTask("llama", seed=0, lr=1e-2)
+    initial = snapshot(student.model)
+    qat = QuantizationAwareTraining("int8_dynamic")  # swaps the student's layers before distillation's setup
+    pruning = GradualPruning(target_sparsity=0.5, update_every=1, end_step=2)
+    callback = KnowledgeDistillation("initial", loss="kl", student="model")
+    fit(student, [pruning, qat, callback], steps=3)
+    teacher = callback.teacher
+    assert not any(isinstance(m, FAKE_QUANTIZED) for m in teacher.modules())  # float, though the student is not
+    assert any(isinstance(m, FakeQuantizedLinear) for m in student.model.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in initial.items())  # the weights at the start
+    name = next(iter(pruning.masks)).removeprefix("model.")
+    assert (student.model.get_parameter(name) == 0).any() and not (teacher.get_parameter(name) == 0).any()
