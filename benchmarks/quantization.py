@@ -578,7 +578,7 @@ def serialized_bytes(model: nn.Module) -> int:
 
 def bf16_cache_bytes(model: nn.Module) -> int:
     """Bytes of the bf16 weights our converted layers cache in memory after an eager forward (never saved)."""
-    caches = [layer._bf16_weight for layer in quantized_layers(model).values()]
+    caches = [getattr(layer, "_bf16_weight", None) for layer in quantized_layers(model).values()]
     return sum(c.numel() * c.element_size() for c in caches if c is not None)
 
 
