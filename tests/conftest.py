@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -52,3 +53,13 @@ def quiet_trainer_kwargs() -> Iterator[dict[str, Any]]:
         "enable_model_summary": False,
         "enable_checkpointing": False,
     }
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the tiny test models: on a busy 2-core machine the second thread spins waiting for
+    a core, about 20x slower (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ convolutions, ViT's patch embedding) and, by default, heads tied to an embedding
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,7 @@ BATCHES = 4  # per epoch
 STEPS = 8  # end_step=None -> 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """The zoo's models are tiny: one intra-op thread is faster, and on a busy 2-core machine (where the second
-    thread spins waiting for a core) about 20x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _layers(prefix: str, blocks: int, names: tuple[str, ...]) -> list[str]:

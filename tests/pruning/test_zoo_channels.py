@@ -6,7 +6,6 @@ model `GradualPruning.shrink` returns compute the same outputs (fp32, eval, 1e-5
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,7 @@ QUIET: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_progress
                          "enable_model_summary": False}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def fit(name: str, callback: GradualPruning, root: Path, max_steps: int = 6, ckpt_path: str | None = None,

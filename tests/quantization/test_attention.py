@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,13 +19,7 @@ from lightning_eff.quantization.fake_quant import fake_quantize_activation, fake
 from lightning_eff.quantization.prepare import keep_off_fused_paths
 from lightning_eff.quantization.schemes import SCHEMES, QuantScheme
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 EMBED, HEADS, GROUP = 64, 4, 32
