@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_eff.pruning.export import summary_rows
 from lightning_eff.pruning.plot import plot_pruning
-from lightning_eff.pruning.sparse_format import packed_entry_bytes
+from lightning_eff.pruning.sparse_format import stored_bytes
 from lightning_eff.report import ReportSection
 
 if TYPE_CHECKING:
@@ -62,8 +62,7 @@ def packed_bytes(callback: GradualPruning) -> dict[str, int]:
     """Bytes of the pruned weights on disk, dense and in `sparse_format` (bitmap + nonzero values), without writing."""
     dense = packed = 0
     for name in callback.layer_sparsity:
-        weight = callback._parameters[name]
-        size = weight.numel() * weight.element_size()
-        dense += size
-        packed += min(packed_entry_bytes(weight.numel(), int((weight != 0).sum()), weight.element_size()), size)
+        weight = callback._parameters[name].detach()
+        dense += weight.numel() * weight.element_size()
+        packed += stored_bytes(weight)
     return {"targeted_bytes_dense": dense, "targeted_bytes_packed": packed}

@@ -45,14 +45,17 @@ def packed_entry_bytes(numel: int, nonzero: int, element_size: int) -> int:
     return math.ceil(numel / 8) + nonzero * element_size
 
 
+def stored_bytes(tensor: Tensor) -> int:
+    """Payload bytes of `tensor` as `save_sparse` stores it: packed or dense, whichever is smaller."""
+    dense = tensor.numel() * tensor.element_size()
+    if tensor.is_complex() or tensor.numel() == 0:
+        return dense
+    return min(dense, packed_entry_bytes(tensor.numel(), int(tensor.count_nonzero()), tensor.element_size()))
+
+
 def packed_state_bytes(state: Mapping[str, Tensor]) -> int:
-    """Payload bytes of `state` as `save_sparse` stores it: each tensor packed or dense, whichever is smaller."""
-    total = 0
-    for tensor in state.values():
-        dense = tensor.numel() * tensor.element_size()
-        packed = packed_entry_bytes(tensor.numel(), int(tensor.count_nonzero()), tensor.element_size())
-        total += dense if tensor.is_complex() or tensor.numel() == 0 else min(dense, packed)
-    return total
+    """Payload bytes of `state` as `save_sparse` stores it (`stored_bytes` of each tensor)."""
+    return sum(stored_bytes(tensor) for tensor in state.values())
 
 
 def pack_tensor(tensor: Tensor) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_eff.quantization.fake_quant import fake_quantize_activation, fake_quantize_weight
+from lightning_eff.quantization.probe import FAILED, probe_forward
 from lightning_eff.quantization.schemes import QuantScheme
 
 CONV_KINDS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
@@ -78,19 +79,8 @@ def _pairs_by_forward(
 
     handles = [model.get_submodule(name).register_forward_hook(after_conv) for name in convs]
     handles += [m.register_forward_pre_hook(before_norm) for m in model.modules() if isinstance(m, BATCH_NORMS)]
-    modes = {module: module.training for module in model.modules()}
-    args, kwargs = example
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model.eval()
-            model(*args, **kwargs)
-    except Exception:  # an example the model cannot run: fall back to the structure
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    if probe_forward(model, example, handles) is FAILED:
+        return None  # an example the model cannot run: the caller falls back to the structure
     return pairs
 
 

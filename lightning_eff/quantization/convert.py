@@ -274,7 +274,8 @@ class QuantizedConv(nn.Module):
         self.register_buffer("scales", scales.reshape(-1))
         self.register_buffer("bias", None if bias is None else bias.float().clone())
         self._float_weight: Tensor | None = None
-        self._packed: Tensor | None = None  # oneDNN's layout of qweight, made on first use; never saved
+        # oneDNN's layout of qweight and its (zero) zero points, made on first use; never saved
+        self._packed: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def from_fake_quantized(cls, layer: nn.Module) -> QuantizedConv:
@@ -336,10 +337,11 @@ class QuantizedConv(nn.Module):
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         if self._packed is None:
             with torch.inference_mode(False), torch.no_grad():
-                self._packed = torch.ops.onednn.qconv_prepack(self.qweight, self.scales, 1.0, 0, *geometry, None)
-        weight_zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+                packed = torch.ops.onednn.qconv_prepack(self.qweight, self.scales, 1.0, 0, *geometry, None)
+                self._packed = (packed, torch.zeros(self.out_channels, dtype=torch.int64))  # symmetric weights
+        packed, weight_zero_points = self._packed
         return torch.ops.onednn.qconv2d_pointwise.tensor(
-            unsigned, scale.reshape(()), unsigned_zero, self._packed, self.scales, weight_zero_points, self.bias,
+            unsigned, scale.reshape(()), unsigned_zero, packed, self.scales, weight_zero_points, self.bias,
             *geometry, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
 

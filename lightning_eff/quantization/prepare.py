@@ -6,7 +6,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,6 +20,7 @@ from lightning_eff.quantization.conv import (
 )
 from lightning_eff.quantization.embedding import FakeQuantizedEmbedding
 from lightning_eff.quantization.fake_quant import fake_quantize_activation, fake_quantize_weight
+from lightning_eff.quantization.probe import FAILED, probe_forward
 from lightning_eff.quantization.registered import (
     FakeQuantizedRegistered,
     fake_quantized_registered,
@@ -228,7 +228,7 @@ def find_output_head(model: nn.Module, example: tuple[tuple[Any, ...], dict[str,
         return None
     if example is not None:
         found = _head_by_forward(model, layers, example)
-        if found is not _UNKNOWN:
+        if found is not FAILED:
             return found  # type: ignore[return-value]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     tied = [name for name, module in layers.items() if id(module.get_parameter("weight")) in embeddings]
@@ -236,9 +236,6 @@ def find_output_head(model: nn.Module, example: tuple[tuple[Any, ...], dict[str,
         return tied[-1]
     owners = [name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
     return owners[-1] if owners and owners[-1] in layers else None
-
-
-_UNKNOWN = object()
 
 
 def _head_by_forward(
@@ -249,19 +246,9 @@ def _head_by_forward(
         module.register_forward_hook(lambda _m, _a, out, name=name: produced.extend((name, t) for t in _tensors(out)))
         for name, module in layers.items()
     ]
-    modes = {module: module.training for module in model.modules()}
-    args, kwargs = example
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model.eval()
-            output = model(*args, **kwargs)
-    except Exception:  # an example the model cannot run: fall back to the structure
-        return _UNKNOWN
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    output = probe_forward(model, example, handles)
+    if output is FAILED:  # an example the model cannot run: the caller falls back to the structure
+        return FAILED
     outputs = _tensors(output)
     storages = {t.untyped_storage().data_ptr() for t in outputs if t.numel()}
     for name, tensor in reversed(produced):
