@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_eff.sharding import fully_shard_blocks
 from lightning_eff.tasks.text import VOCAB_SIZE
 
 
@@ -107,6 +108,12 @@ class TinyGPT(L.LightningModule):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+    def configure_model(self) -> None:
+        """Under Lightning's `ModelParallelStrategy`: FSDP2, each block sharded as its own unit."""
+        mesh = self.device_mesh
+        if mesh is not None:
+            fully_shard_blocks(self, list(self.blocks), mesh["data_parallel"])
 
     def _loss(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         tokens, targets = batch
