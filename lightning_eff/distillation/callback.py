@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +14,51 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_eff.distillation.losses import LOSSES, LossFn, OutputKey, agreement, make_loss, pick_output
+from lightning_eff.distillation import projections
+from lightning_eff.distillation.agreement import agreement, agreement_kind, agreement_totals
+from lightning_eff.distillation.losses import LOSSES, LossFn, OutputKey, make_loss, pick_output
+from lightning_eff.distillation.projections import PROJECTIONS, projected_output_hook, projection_key, projections_of
+from lightning_eff.distillation.recording import Recorder, module_at
+from lightning_eff.distillation.teacher import (
+    INITIAL,
+    PRECISIONS,
+    check_same_teacher,
+    fingerprint,
+    initial_teacher,
+    prepare_teacher,
+    run_teacher,
+)
 from lightning_eff.loss_terms import attach_loss_terms, detach_loss_terms
 from lightning_eff.report import ReportSection, parameter_count, state_dict_bytes
-from lightning_eff.validation import ConfigError, check, check_number
-
-PROJECTIONS = "lightning_eff_distillation_projections"
-"""The LightningModule attribute under which `layers` projections are registered (see `KnowledgeDistillation`)."""
-
-PRECISIONS = ("bf16",)
-INITIAL = "initial"
-"""``teacher="initial"``: the student as it is at `setup` (its loaded or pretrained weights), copied and frozen."""
-_WIDTH_ATTRIBUTES = ("out_features", "nf", "embedding_dim", "hidden_size", "embed_dim", "out_channels")
+from lightning_eff.sharding import is_sharded
+from lightning_eff.validation import check, check_number
 
 
 class KnowledgeDistillation(L.Callback):
     r"""Knowledge distillation: adds ``weight * loss(student output, teacher output)`` to every training step.
 
-    The teacher is held by this callback, not by the LightningModule, so DDP, pruning, quantization-aware
+    The teacher is held by this callback, not by the LightningModule, so DDP, FSDP2, pruning, quantization-aware
     training, checkpoints and optimizers never see it. In `setup` it is moved to the training device, frozen
     (``requires_grad=False``) and put in eval mode; it runs under ``torch.no_grad()`` on exactly the inputs the
     student's forward got in the training step (recorded with a forward hook), so ``training_step`` stays the
     user's. The term goes through `lightning_eff.loss_terms`, so it works with automatic and manual
     optimization (added to the step's first ``manual_backward``), gradient accumulation and DDP.
 
+    FSDP2 (Lightning's `ModelParallelStrategy`, ``fully_shard`` in ``configure_model``): the student is sharded,
+    the teacher is not: every rank holds the whole teacher (no gradients, no optimizer state: its weights alone,
+    halved by ``teacher_precision="bf16"``). A sharded teacher is refused. ``teacher="initial"`` copies the
+    student in `setup`, before ``configure_model`` shards it (a module already sharded by an earlier `fit` is
+    gathered with `sharding.unsharded_copy`); `stripped_copy` exports a plain copy without the projections.
+
     Logged every step: ``distillation/loss`` (the unweighted distillation loss: the output loss plus the
-    ``layers`` losses) and ``distillation/agreement`` (see `losses.agreement`). The report's ``distillation``
-    section has the teacher's and student's sizes, the final loss and the last batch's agreement.
+    ``layers`` losses) and ``distillation/agreement`` (`agreement.agreement`: the share of equal argmaxes for
+    ``loss="kl"``, the mean cosine similarity for every other loss). During `Trainer.test` the teacher also runs
+    on every test batch the student's forward sees: the report's ``distillation`` section has the test set's
+    agreement (over all ranks), beside the teacher's and student's sizes and the final loss.
 
     Args:
-        teacher: the teacher model; it is called like the student's forward (same args and kwargs).
+        teacher: the teacher model, called like the student's forward (same args and kwargs); or ``"initial"``:
+            a frozen float copy of the student as it is when `setup` runs (its pretrained or loaded weights).
         loss: ``kl`` (Hinton et al., softened by `temperature`, scaled by T\ :sup:`2`), ``mse``, ``cosine``
             (``1 - cosine similarity``), or a callable ``loss(student, teacher) -> Tensor``.
         temperature: the softmax temperature of ``kl`` (> 0).
@@ -69,7 +82,8 @@ class KnowledgeDistillation(L.Callback):
             too); its outputs are cast back to the student's dtype.
 
     Resume: the checkpoint stores a fingerprint of the teacher (parameter names, shapes and a few sums), not
-    its weights; resuming with another teacher raises an error.
+    its weights; resuming with another teacher raises an error. Under FSDP2 this state is in rank 0's
+    ``meta.pt`` of the sharded checkpoint directory, as every callback's is.
 
     Example::
 
@@ -116,15 +130,18 @@ class KnowledgeDistillation(L.Callback):
         self.layers = dict(layers or {})
         self.teacher_precision = teacher_precision
         self.loss_fn = make_loss(loss, self.temperature)
+        self.agreement_kind = agreement_kind(loss)
 
         self.steps = 0
         self.last_loss: Tensor | float | None = None
         self.last_agreement: Tensor | float | None = None
+        self.test_agreement: float | None = None
         self.projected: dict[str, tuple[int, int]] = {}  # student layer -> (student width, teacher width)
         self._fingerprint: dict[str, Any] | None = None
-        self._recorder: _Recorder | None = None
+        self._recorder: Recorder | None = None
         self._layer_outputs: dict[str, Tensor] = {}
         self._layer_handles: list[RemovableHandle] = []
+        self._test_totals: Tensor | None = None  # [agreement sum, positions] of this rank's test batches
 
     # --- setup ---------------------------------------------------------------------------------------
 
@@ -133,66 +150,40 @@ class KnowledgeDistillation(L.Callback):
         return self.student or "the LightningModule's forward"
 
     def teacher_fingerprint(self) -> dict[str, Any]:
-        """Parameter count, a hash of names and shapes, and sums of a few parameters (rounded to bfloat16 first,
-        so the teacher cast by ``teacher_precision="bf16"`` has the same fingerprint)."""
+        """The teacher's `teacher.fingerprint`, taken once (before any cast)."""
         if self._fingerprint is None:
-            named = list(self.teacher.named_parameters())
-            shapes = "".join(f"{name}:{tuple(p.shape)};" for name, p in named)
-            picked = sorted({round(i * (len(named) - 1) / 15) for i in range(16)}) if named else []
-            with torch.no_grad():
-                sums = [float(named[i][1].detach().to(torch.bfloat16).double().sum()) for i in picked]
-            self._fingerprint = {
-                "parameters": sum(p.numel() for _, p in named),
-                "shapes": hashlib.sha1(shapes.encode()).hexdigest()[:16],
-                "sums": sums,
-            }
+            self._fingerprint = fingerprint(self.teacher)
         return self._fingerprint
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.teacher_spec == INITIAL and self._fingerprint is None:
-            self.teacher = initial_teacher(_module_at(pl_module, self.student, "student"))
+            self.teacher = initial_teacher(module_at(pl_module, self.student, "student"), drop=[PROJECTIONS])
+        check(not is_sharded(self.teacher), "teacher", type(self.teacher).__name__,
+              "is sharded (DTensor parameters): pass an unsharded teacher; under FSDP2 every rank keeps a whole "
+              "copy of it")  # fmt: skip
         self.teacher_fingerprint()  # before any cast
         student_parameters = {id(p) for p in pl_module.parameters()}
         check(not any(id(p) in student_parameters for p in self.teacher.parameters()), "teacher",
               type(self.teacher).__name__, "shares parameters with the LightningModule: pass a separate model "
               "(e.g. copy.deepcopy(model)), not one of its submodules")  # fmt: skip
-        _module_at(pl_module, self.student, "student")
+        module_at(pl_module, self.student, "student")
         for student_layer, teacher_layer in self.layers.items():
-            _module_at(pl_module, student_layer, "layers")
-            _module_at(self.teacher, teacher_layer, "layers", owner="teacher")
-        self._prepare_teacher(trainer.strategy.root_device)
+            module_at(pl_module, student_layer, "layers")
+            module_at(self.teacher, teacher_layer, "layers", owner="teacher")
+        prepare_teacher(self.teacher, trainer.strategy.root_device, self.teacher_precision)
         if self.layers:
             self._register_projections(pl_module)
         if stage == "fit":
             attach_loss_terms(trainer)
 
-    def _prepare_teacher(self, device: torch.device) -> None:
-        dtype = torch.bfloat16 if self.teacher_precision == "bf16" else None
-        self.teacher.to(device=device, dtype=dtype)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-
     def _register_projections(self, pl_module: L.LightningModule) -> None:
         """A learned student->teacher ``nn.Linear`` for each `layers` pair whose widths differ (see the class)."""
-        projections = getattr(pl_module, PROJECTIONS, None)
-        if projections is None:
-            projections = nn.ModuleDict()
-        for student_layer, teacher_layer in self.layers.items():
-            student_width = _output_width(pl_module.get_submodule(student_layer))
-            teacher_width = _output_width(self.teacher.get_submodule(teacher_layer))
-            if student_width is None or teacher_width is None or student_width == teacher_width:
-                continue  # equal, or unknown until the first step (checked there)
-            key = _projection_key(student_layer)
-            existing = projections[key] if key in projections else None  # noqa: SIM401 (ModuleDict has no get)
-            shape = (student_width, teacher_width)
-            if not (isinstance(existing, nn.Linear) and (existing.in_features, existing.out_features) == shape):
-                projections[key] = nn.Linear(student_width, teacher_width)
-            self.projected[student_layer] = (student_width, teacher_width)
-        if len(projections) and getattr(pl_module, PROJECTIONS, None) is None:
-            pl_module.add_module(PROJECTIONS, projections)
+        built, self.projected = projections.build_projections(pl_module, self.teacher, self.layers)
+        if len(built) and projections_of(pl_module) is None:
+            pl_module.add_module(PROJECTIONS, built)
             rank_zero_info(
-                f"KnowledgeDistillation: registered {parameter_count(projections)} projection parameters as "
+                f"KnowledgeDistillation: registered {parameter_count(built)} projection parameters as "
                 f"{PROJECTIONS} ({', '.join(f'{k}: {s}->{t}' for k, (s, t) in self.projected.items())}); "
                 "KnowledgeDistillation.strip(model) removes them"
             )
@@ -200,14 +191,18 @@ class KnowledgeDistillation(L.Callback):
     @staticmethod
     def strip(model: nn.Module) -> nn.Module:
         """Remove the `layers` projections (``lightning_eff_distillation_projections``) from `model`, in place,
-        for export or inference; returns `model`."""
-        if PROJECTIONS in model._modules:
-            del model._modules[PROJECTIONS]
-        return model
+        for export or inference; returns `model`. For a model FSDP2 still shards, use `stripped_copy`."""
+        return projections.strip(model)
+
+    @staticmethod
+    def stripped_copy(model: nn.Module) -> nn.Module:
+        """A plain copy of `model` without the projections, for export; under FSDP2 gathered with
+        `sharding.unsharded_copy` (a collective: call it on every rank)."""
+        return projections.stripped_copy(model)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._prepare_teacher(pl_module.device)  # the strategy has moved the module by now
+        prepare_teacher(self.teacher, pl_module.device, self.teacher_precision)  # the strategy has moved the module
 
     # --- recording the student's step ----------------------------------------------------------------
 
@@ -216,27 +211,15 @@ class KnowledgeDistillation(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._remove_hooks()
-        self._recorder = _Recorder(_module_at(pl_module, self.student, "student"))
-        projections = getattr(pl_module, PROJECTIONS, None)
+        self._recorder = Recorder(module_at(pl_module, self.student, "student"))
+        found = projections_of(pl_module)
         for student_layer in self.layers:
             module = pl_module.get_submodule(student_layer)
-            key = _projection_key(student_layer)
-            projection = projections[key] if projections is not None and key in projections else None
-            self._layer_handles.append(module.register_forward_hook(self._layer_hook(student_layer, projection)))
-
-    def _layer_hook(self, name: str, projection: nn.Module | None) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            picked = pick_output(output)
-            if projection is not None:
-                if picked.shape[-1] != self.projected[name][0]:
-                    raise ValueError(
-                        f"KnowledgeDistillation: layers[{name!r}]'s output has last dimension {picked.shape[-1]}, "
-                        f"not the {self.projected[name][0]} its projection was built for"
-                    )
-                picked = projection(picked)  # inside the module's forward: DDP sees the projection used
-            self._layer_outputs[name] = picked
-
-        return hook
+            key = projection_key(student_layer)
+            projection = found[key] if found is not None and key in found else None
+            width = self.projected[student_layer][0] if student_layer in self.projected else None
+            hook = projected_output_hook(student_layer, self._layer_outputs, projection, width)
+            self._layer_handles.append(module.register_forward_hook(hook))
 
     @override
     def on_train_batch_end(
@@ -260,30 +243,19 @@ class KnowledgeDistillation(L.Callback):
     # --- the loss term -------------------------------------------------------------------------------
 
     def loss_term(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> Tensor:
-        recorder = self._recorder
-        if recorder is None or recorder.last is None:
+        call = self._recorder.take() if self._recorder is not None else None
+        if call is None:
             raise RuntimeError(
                 f"KnowledgeDistillation(student={self.student!r}): {self.student_name} was not called in this "
                 "training step, so there is nothing to distill; set student= to the submodule that training_step "
                 "calls (e.g. student='model' for self.model(...))"
             )
-        args, kwargs, student_output = recorder.last
-        recorder.last = None
+        args, kwargs, student_output = call
         student = pick_output(student_output, self.output)
-        teacher_layers: dict[str, Tensor] = {}
-        handles = [
-            self.teacher.get_submodule(name).register_forward_hook(_store(teacher_layers, name))
-            for name in set(self.layers.values())
-        ]
-        try:
-            with torch.no_grad():
-                teacher_dtype = next((p.dtype for p in self.teacher.parameters()), None)
-                if self.teacher_precision == "bf16" and teacher_dtype is not None:
-                    args, kwargs = _cast_floats((args, kwargs), teacher_dtype)
-                teacher = pick_output(self.teacher(*args, **kwargs), self.output).to(student.dtype)
-        finally:
-            for handle in handles:
-                handle.remove()
+        teacher, teacher_layers = run_teacher(
+            self.teacher, args, kwargs, self.output, self.teacher_precision, self.layers.values()
+        )
+        teacher = teacher.to(student.dtype)
         _check_shapes("teacher", type(self.teacher).__name__, teacher, student, f"the student's ({self.student_name})")
         loss = self.loss_fn(student, teacher)
         if self.layers:
@@ -301,10 +273,50 @@ class KnowledgeDistillation(L.Callback):
             loss = loss + layer_loss
         self.steps += 1
         self.last_loss = loss.detach()
-        self.last_agreement = agreement(student.detach(), teacher)
+        self.last_agreement = agreement(student.detach(), teacher, self.agreement_kind)
         pl_module.log("distillation/loss", self.last_loss)
         pl_module.log("distillation/agreement", self.last_agreement)
         return self.weight * loss
+
+    # --- agreement on the test set -------------------------------------------------------------------
+
+    @override
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._test_totals = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._remove_hooks()
+        self._recorder = Recorder(module_at(pl_module, self.student, "student"))
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        call = self._recorder.take() if self._recorder is not None else None
+        self._remove_hooks()
+        if call is None or self._test_totals is None:
+            return  # test_step did not call the student's forward
+        args, kwargs, student_output = call
+        student = pick_output(student_output, self.output).detach()
+        teacher, _ = run_teacher(self.teacher, args, kwargs, self.output, self.teacher_precision)
+        self._test_totals += agreement_totals(student, teacher.to(student.dtype), self.agreement_kind)
+
+    @override
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._test_totals is None:
+            return
+        totals = trainer.strategy.reduce(self._test_totals, reduce_op="sum")  # every rank's batches
+        self.test_agreement = float(totals[0] / totals[1]) if float(totals[1]) > 0 else None
+        self._test_totals = None
 
     # --- checkpointing -------------------------------------------------------------------------------
 
@@ -323,23 +335,7 @@ class KnowledgeDistillation(L.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        theirs, ours = state_dict["teacher_fingerprint"], self.teacher_fingerprint()
-        same = (
-            theirs["parameters"] == ours["parameters"]
-            and theirs["shapes"] == ours["shapes"]
-            and len(theirs["sums"]) == len(ours["sums"])
-            and all(
-                math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)
-                for a, b in zip(theirs["sums"], ours["sums"], strict=True)
-            )
-        )
-        if not same:
-            why = "another architecture" if theirs["shapes"] != ours["shapes"] else "the same shapes, other weights"
-            raise ValueError(
-                f"KnowledgeDistillation: the checkpoint was distilled from another teacher ({why}: "
-                f"{theirs['parameters']} parameters, fingerprint {theirs['shapes']}; this run's teacher has "
-                f"{ours['parameters']}, {ours['shapes']}); resume with the same teacher"
-            )
+        check_same_teacher(state_dict["teacher_fingerprint"], self.teacher_fingerprint())
         self.steps = state_dict["steps"]
         self.last_loss = state_dict["last_loss"]
         self.last_agreement = state_dict["last_agreement"]
@@ -347,14 +343,15 @@ class KnowledgeDistillation(L.Callback):
     # --- report --------------------------------------------------------------------------------------
 
     def report_section(self, trainer: L.Trainer, run_dir: Path) -> ReportSection:
-        """Teacher and student sizes, the final distillation loss and the last training batch's agreement."""
+        """Teacher and student sizes, the final distillation loss, the last training batch's agreement and the
+        test set's (None when no test ran)."""
         pl_module = trainer.lightning_module
-        student = _module_at(pl_module, self.student, "student")
-        projections = getattr(pl_module, PROJECTIONS, None)
+        student = module_at(pl_module, self.student, "student")
+        found = projections_of(pl_module)
         student_parameters, student_bytes = parameter_count(student), state_dict_bytes(student)
-        if student is pl_module and isinstance(projections, nn.Module):
-            student_parameters -= parameter_count(projections)
-            student_bytes -= state_dict_bytes(projections)
+        if student is pl_module and found is not None:
+            student_parameters -= parameter_count(found)
+            student_bytes -= state_dict_bytes(found)
         summary: dict[str, Any] = {
             "loss": self.loss if isinstance(self.loss, str) else "callable",
             "temperature": self.temperature,
@@ -366,95 +363,14 @@ class KnowledgeDistillation(L.Callback):
             "student_parameters": student_parameters,
             "student_bytes": student_bytes,
             "compression": parameter_count(self.teacher) / max(student_parameters, 1),
-            "projection_parameters": parameter_count(projections) if isinstance(projections, nn.Module) else 0,
+            "projection_parameters": parameter_count(found) if found is not None else 0,
             "steps": self.steps,
             "final_distillation_loss": _number(self.last_loss),
+            "agreement": self.agreement_kind,
             "last_batch_agreement": _number(self.last_agreement),
+            "test_agreement": self.test_agreement,
         }
         return ReportSection(name="distillation", summary=summary)
-
-
-class _Recorder:
-    """Forward hooks that keep the last (args, kwargs, output) of a module's calls.
-
-    A call through Lightning's forward redirection (DDP calls the LightningModule with training_step's
-    arguments, its ``forward`` patched to run ``training_step``) is not the module's forward and is skipped:
-    the pre-hook sees the patched ``forward``; the stack pairs each pre-hook with its hook for nested calls.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.last: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
-        self._redirected: list[bool] = []
-        self._handles = [
-            module.register_forward_pre_hook(self._before, with_kwargs=True),
-            module.register_forward_hook(self._after, with_kwargs=True),
-        ]
-
-    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        forward = module.__dict__.get("forward")
-        self._redirected.append(forward is not None and "_ForwardRedirection" in getattr(forward, "__qualname__", ""))
-
-    def _after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not (self._redirected.pop() if self._redirected else False):
-            self.last = (args, kwargs, output)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self.last = None
-
-
-def _store(outputs: dict[str, Tensor], name: str) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        outputs[name] = pick_output(output)
-
-    return hook
-
-
-def initial_teacher(student: nn.Module) -> nn.Module:
-    """A frozen float copy of `student` as it is now: what ``teacher="initial"`` distils from.
-
-    Taken in `setup`, before any optimizer step (so before pruning's first masks); layers that quantization-aware
-    training already swapped in are turned back into float ones in the copy (`restore_float_modules`).
-    """
-    from lightning_eff.quantization import restore_float_modules  # the student's QAT layers, back to float
-
-    teacher = restore_float_modules(copy.deepcopy(student))
-    for name in [n for n, _ in teacher.named_children() if n == PROJECTIONS]:
-        delattr(teacher, name)  # a resumed student's projections are not the teacher's
-    return teacher
-
-
-def _module_at(root: nn.Module, path: str | None, key: str, owner: str = "LightningModule") -> nn.Module:
-    """The submodule at `path` (the root for None), or a `ConfigError` for `key` listing the available names."""
-    if path is None:
-        return root
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        names = [name for name, _ in root.named_modules() if name and name.count(".") <= 2]
-        shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
-        raise ConfigError(key, path, f"names no module of the {owner}; modules: {shown}") from None
-
-
-def _output_width(module: nn.Module) -> int | None:
-    """The width of the module's output (its last dimension) as its structure says: the module's own
-    ``out_features`` (``nf``, ``embedding_dim``, ...), else that of its last submodule that has one."""
-    for candidate in [module, *reversed(list(module.modules())[1:])]:
-        for attribute in _WIDTH_ATTRIBUTES:
-            value = getattr(candidate, attribute, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        if isinstance(candidate, nn.LayerNorm) and candidate.normalized_shape:
-            return int(candidate.normalized_shape[-1])
-        weight = getattr(candidate, "weight", None)
-        if type(candidate).__name__.endswith("Norm") and isinstance(weight, Tensor) and weight.dim() == 1:
-            return int(weight.shape[0])  # RMSNorm and friends
-    return None
-
-
-def _projection_key(student_layer: str) -> str:
-    return student_layer.replace(".", "__")
 
 
 def _check_shapes(key: str, value: str, theirs: Tensor, ours: Tensor, whose: str) -> None:
@@ -462,18 +378,6 @@ def _check_shapes(key: str, value: str, theirs: Tensor, ours: Tensor, whose: str
           f"its output shape {tuple(theirs.shape)} does not match {whose} {tuple(ours.shape)}: "
           "the teacher must produce the same shape (same vocabulary / classes; for layers, a width the projection "
           "can map)")  # fmt: skip
-
-
-def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_cast_floats(v, dtype) for v in value)
-    if isinstance(value, list):
-        return [_cast_floats(v, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    return value
 
 
 def _number(value: Tensor | float | None) -> float | None:

@@ -11,7 +11,8 @@ Every loss takes ``(student, teacher)`` tensors of the same shape and returns a 
 - a callable ``loss(student, teacher) -> Tensor``.
 
 `pick_output` finds the tensor a model's output means (the tensor itself, a tuple's first tensor, a dict's or
-Hugging Face ``ModelOutput``'s ``logits``, then ``last_hidden_state``).
+Hugging Face ``ModelOutput``'s ``logits``, then ``last_hidden_state``). How far the outputs agree is in
+`agreement`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -101,12 +101,3 @@ def _tensor_in(output: Any, what: str) -> Tensor:
         f"cannot find a tensor in {what} (a {type(output).__name__}): expected a tensor, a tuple of them, or a "
         "dict / ModelOutput with logits or last_hidden_state; pass output=<key or callable> to pick one"
     )
-
-
-@torch.no_grad()
-def agreement(student: Tensor, teacher: Tensor) -> Tensor:
-    """How far the student agrees with the teacher: the share of equal argmaxes for logits-like outputs (last
-    dimension > 1), else the mean cosine similarity of the flattened outputs."""
-    if student.dim() >= 1 and student.shape[-1] > 1:
-        return (student.argmax(-1) == teacher.argmax(-1)).float().mean()
-    return F.cosine_similarity(student.float().flatten(), teacher.float().flatten(), dim=0)

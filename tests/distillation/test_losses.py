@@ -7,7 +7,16 @@ import torch
 from torch.nn import functional as F
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithCrossAttentions
 
-from lightning_eff.distillation import agreement, cosine_loss, kl_loss, make_loss, mse_loss, pick_output
+from lightning_eff.distillation import (
+    agreement,
+    agreement_kind,
+    agreement_totals,
+    cosine_loss,
+    kl_loss,
+    make_loss,
+    mse_loss,
+    pick_output,
+)
 
 
 def pair(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,5 +82,12 @@ def test_agreement() -> None:
     assert float(agreement(student, teacher)) == pytest.approx(
         float((student.argmax(-1) == teacher.argmax(-1)).float().mean())
     )
-    column = torch.randn(6, 1)
-    assert float(agreement(column, 2 * column)) == pytest.approx(1.0)  # last dim 1: cosine
+    # embeddings: the mean over rows of each row's cosine; a row's length does not count
+    rows = torch.randn(4, 3)
+    flipped = torch.cat([rows[:1] * -2, rows[1:] * 3])  # one row reversed, three scaled
+    assert float(agreement(rows, flipped, "cosine")) == pytest.approx(0.5)
+    sums = agreement_totals(rows, flipped, "cosine") + agreement_totals(rows, rows, "cosine")
+    assert sums.tolist() == pytest.approx([2.0 + 4.0, 8.0])  # batches add up as (sum, count)
+    assert agreement_kind("kl") == "argmax" and agreement_kind("cosine") == agreement_kind(mse_loss) == "cosine"
+    with pytest.raises(ValueError, match="unknown agreement 'top5'"):
+        agreement(rows, rows, "top5")
