@@ -29,8 +29,9 @@ def is_dtensor(tensor: Any) -> bool:
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of `tensor` this rank holds (a view: editing it edits the parameter); a plain tensor as is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    """The part of `tensor` this rank holds (sharing its storage: editing it edits the parameter), detached from
+    autograd like ``parameter.data``; a plain tensor as is."""
+    return tensor.to_local().detach() if isinstance(tensor, DTensor) else tensor
 
 
 def is_sharded(module: nn.Module) -> bool:

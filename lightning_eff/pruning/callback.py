@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -15,12 +16,25 @@ from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.pruning.export import shrink_with_groups
 from lightning_eff.pruning.group_plan import GroupPlan, InputCapture, check_selection, discover
 from lightning_eff.pruning.layers import prunable_kind
-from lightning_eff.pruning.masks import GRANULARITIES, SCOPES, MaskApplier, Masks, compute_masks, parse_pattern
+from lightning_eff.pruning.masks import GRANULARITIES, LOCAL, SCOPES, MaskApplier, Masks, compute_masks, parse_pattern
 from lightning_eff.pruning.report import pruning_section
 from lightning_eff.pruning.schedule import SCHEDULES, SparsitySchedule
+from lightning_eff.pruning.sharded import (
+    MASK_DIR,
+    attach_mask_saving,
+    check_nm_shards,
+    count_zeros,
+    full_masks,
+    load_mask_shards,
+    save_mask_shards,
+    shard_full_masks,
+    shard_group,
+)
+from lightning_eff.pruning.sharded_select import ShardedSelector
 from lightning_eff.pruning.structured_shrink import LayerShrink, ShrinkError
 from lightning_eff.pruning.targets import PruningTarget, check_no_opt_in_layer, select
 from lightning_eff.report import ReportSection
+from lightning_eff.sharding import local_shard
 from lightning_eff.validation import (
     ConfigError,
     check,
@@ -146,6 +160,14 @@ class GradualPruning(L.Callback):
         self._mask_sparsity = 0.0
         self._last_step = -1
         self._parameters: dict[str, torch.Tensor] = {}
+        # FSDP2: the parameters are DTensors; masks and the applier work on `_local` (this rank's shards), and
+        # zeros are counted with a collective at each mask update and at the end of fit (`_zeros`).
+        self._local: dict[str, torch.Tensor] = {}
+        self._group: torch.distributed.ProcessGroup | None = None
+        self._sharded = False
+        self._zeros: dict[str, int] = {}
+        self._sharded_save = False
+        self._mask_dir: str | None = None  # a restored sharded checkpoint's mask directory, read at train start
         self._apply = MaskApplier({}, {})
         self._active = True
         # Lifecycle: where this fit's schedule starts (step and sparsity carried from an earlier fit), how many
@@ -167,8 +189,21 @@ class GradualPruning(L.Callback):
 
     @property
     def layer_sparsity(self) -> dict[str, float]:
-        """Achieved sparsity of each targeted weight, by parameter name (measured zeros, not masks)."""
-        return {t.weight: float((self._parameters[t.weight] == 0).float().mean()) for t in self._live_targets()}
+        """Achieved sparsity of each targeted weight, by parameter name (measured zeros, not masks).
+
+        Under FSDP2, as measured at the last mask update or the end of fit (counting is a collective there).
+        """
+        return {name: zeros / self._parameters[name].numel() for name, zeros in self.zero_counts().items()}
+
+    def zero_counts(self) -> dict[str, int]:
+        """Exact zeros of each targeted weight (under FSDP2: at the last mask update or the end of fit)."""
+        if self._sharded:
+            return dict(self._zeros)
+        return {t.weight: int((self._parameters[t.weight] == 0).sum()) for t in self._live_targets()}
+
+    def _count_sharded_zeros(self) -> None:
+        if self._sharded:
+            self._zeros = count_zeros({t.weight: self._local[t.weight] for t in self._live_targets()}, self._group)
 
     @property
     def sparsity(self) -> float:
@@ -215,6 +250,13 @@ class GradualPruning(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before DDP wraps the model and optimizers are built: only names are resolved here, nothing is swapped.
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ConfigError("strategy", "fsdp", "GradualPruning needs FSDP2 (ModelParallelStrategy): FSDP1 flattens "
+                              "the weights it masks")  # fmt: skip
+        if isinstance(trainer.strategy, ModelParallelStrategy) and self.granularity == "channels":
+            raise ConfigError("granularity", "channels", "is not available under FSDP2 (ModelParallelStrategy): "
+                              "a channel group spans rows and columns of sharded weights; use unstructured or "
+                              "n:m")  # fmt: skip
         if stage == "fit" or not self.targets:
             self.targets = self.check_model(pl_module)
             reasons: dict[str, list[str]] = {}
@@ -227,12 +269,16 @@ class GradualPruning(L.Callback):
         self._parameters = self._target_parameters(pl_module)
 
     def _target_parameters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """The targeted parameters; also sets the local shards and the shard group (FSDP2 after configure_model)."""
         # remove_duplicate=False: a tied weight's canonical name may be one that named_parameters() would drop
         parameters: dict[str, torch.Tensor] = dict(pl_module.named_parameters(remove_duplicate=False))
-        if self.granularity == "channels":
-            return parameters
-        names = [name for t in self.targets for name in (t.weight, *t.coupled)]
-        return {name: parameters[name] for name in names}
+        if self.granularity != "channels":
+            names = [name for t in self.targets for name in (t.weight, *t.coupled)]
+            parameters = {name: parameters[name] for name in names}
+        self._group = shard_group(parameters)
+        self._sharded = self._group is not None
+        self._local = {name: local_shard(parameter) for name, parameter in parameters.items()}
+        return parameters
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -242,12 +288,29 @@ class GradualPruning(L.Callback):
         self._schedule = self._build_schedule(trainer)
         self._active = True
         self._last_step = trainer.global_step
-        device = next(iter(self._parameters.values())).device
-        self._set_masks({name: mask.to(device) for name, mask in self.masks.items()})
+        masks = self._sharded_setup(trainer) if self._sharded else self.masks
+        device = next(iter(self._local.values())).device
+        self._set_masks({name: mask.to(device) for name, mask in masks.items()})
         self._apply()  # a resumed or continued run goes on with the masks it has
         if self.granularity == "channels" and self.plan is None:
             self._capture = InputCapture(pl_module)
         self._update(trainer)
+
+    def _sharded_setup(self, trainer: L.Trainer) -> Masks:
+        """FSDP2: this rank's mask shards (from a sharded or a one-file checkpoint), and saving them beside it."""
+        if self.pattern is not None:
+            check_nm_shards(self._parameters, {t.weight: t.layout for t in self.targets}, self.pattern[1])
+        masks = self.masks
+        if self._mask_dir is not None:
+            masks = load_mask_shards(Path(str(trainer.ckpt_path)) / self._mask_dir, list(masks), self._parameters)
+            self._mask_dir = None
+        elif any(mask.shape != self._local[name].shape for name, mask in masks.items()):
+            masks = shard_full_masks(masks, self._parameters)  # from a checkpoint saved as one file
+        self._sharded_save = bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
+        if self._sharded_save:
+            attach_mask_saving(trainer.strategy, lambda directory: save_mask_shards(directory, self.masks,
+                                                                                  self._parameters))  # fmt: skip
+        return masks
 
     def _start_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Decide what this fit continues: a checkpoint, an earlier fit of the same model, or nothing."""
@@ -320,6 +383,7 @@ class GradualPruning(L.Callback):
             self._capture.remove()
             self._capture = None
         self._apply()
+        self._count_sharded_zeros()
         if self.make_permanent:
             self._active = False
             self._apply = MaskApplier({}, {})  # masking stops; the masks are kept for a later fit
@@ -333,7 +397,7 @@ class GradualPruning(L.Callback):
 
     def _set_masks(self, masks: Masks) -> None:
         self.masks = masks
-        self._apply = MaskApplier(self._parameters, masks)
+        self._apply = MaskApplier(self._local, masks)
 
     def _update(self, trainer: L.Trainer) -> None:
         """Recompute the masks when the schedule's sparsity has changed since they were computed."""
@@ -345,17 +409,19 @@ class GradualPruning(L.Callback):
         if self.plan is not None:
             masks = self.plan.masks(trainer.lightning_module, target, self.scope)
         else:
-            weights = {t.weight: self._parameters[t.weight] for t in self.targets}
+            weights = {t.weight: self._local[t.weight] for t in self.targets}
             layouts = {t.weight: t.layout for t in self.targets}
-            masks = compute_masks(weights, target, self.granularity, self.scope, self.pattern, layouts)
+            selector = ShardedSelector(self._group) if self._sharded else LOCAL
+            masks = compute_masks(weights, target, self.granularity, self.scope, self.pattern, layouts, selector)
             for t in self.targets:  # a pruned channel takes its bias (and following BatchNorm) entries with it
                 masks.update({name: masks[t.weight].movedim(t.output_dim, 0).reshape(-1) for name in t.coupled})
-        # Identical weights give identical masks on every rank; broadcasting rank 0's makes it a guarantee.
-        masks = trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
-        device = next(iter(self._parameters.values())).device
+        if not self._sharded:  # identical weights give identical masks on every rank; rank 0's makes it a guarantee
+            masks = trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
+        device = next(iter(self._local.values())).device
         self._set_masks({name: mask.to(device) for name, mask in masks.items()})
         self._mask_sparsity = target
         self._apply()
+        self._count_sharded_zeros()
         layers = self.layer_sparsity
         achieved = self._overall(layers)
         self.history.append({"step": trainer.global_step, "target": target, "achieved": achieved})
@@ -369,8 +435,15 @@ class GradualPruning(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # FSDP2: a distributed checkpoint gets the mask shards from `attach_mask_saving`, into MASK_DIR beside
+        # the model's; a one-file checkpoint gets whole masks (gathered: every rank calls state_dict).
+        masks = {name: mask.cpu() for name, mask in self.masks.items()}
+        if self._sharded and self.masks:
+            masks = {name: torch.empty(0, dtype=torch.bool) for name in masks} if self._sharded_save else (
+                full_masks(self.masks, self._parameters))  # fmt: skip
         return {
-            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "masks": masks,
+            "mask_dir": MASK_DIR if self._sharded and self._sharded_save else None,
             "mask_sparsity": self._mask_sparsity,
             "history": list(self.history),
             "targets": [t.weight for t in self.targets],
@@ -382,6 +455,7 @@ class GradualPruning(L.Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = dict(state_dict["masks"])
+        self._mask_dir = state_dict.get("mask_dir")
         self._mask_sparsity = float(state_dict["mask_sparsity"])
         self.history = list(state_dict["history"])
         self._active = bool(state_dict.get("active", True))

@@ -8,6 +8,7 @@ model's state_dict loads strictly into the plain model.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -49,17 +50,52 @@ def _lowest(scores: Mapping[str, torch.Tensor], count: int) -> dict[str, torch.T
     return _split(chosen, scores)
 
 
-def _by_scope(scores: Mapping[str, torch.Tensor], fraction: float, scope: str) -> dict[str, torch.Tensor]:
+Groups = list[tuple[list[str], int]]
+"""Tensors ranked together, and how many of their lowest scores to choose: one group (global) or one per tensor."""
+
+
+class Selector:
+    """Counts and picks the lowest scores over whole tensors.
+
+    This one sees whole tensors; `sharded_select.ShardedSelector` sees each rank's shard and makes the same
+    choices with collectives, so the mask functions below run unchanged on FSDP2 shards.
+    """
+
+    def numel(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        return {name: tensor.numel() for name, tensor in tensors.items()}
+
+    def count(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in masks.items()}
+
+    def lowest(self, scores: Mapping[str, torch.Tensor], groups: Groups) -> dict[str, torch.Tensor]:
+        chosen: dict[str, torch.Tensor] = {}
+        for names, count in groups:
+            chosen.update(_lowest({name: scores[name] for name in names}, count))
+        return chosen
+
+
+LOCAL = Selector()
+
+
+def _by_scope(
+    scores: Mapping[str, torch.Tensor], fraction: float, scope: str, selector: Selector = LOCAL
+) -> dict[str, torch.Tensor]:
     """The lowest `fraction` of the scores: over all tensors at once (global) or of each tensor (layer)."""
+    sizes = selector.numel(scores)
+    return selector.lowest(scores, _groups(sizes, fraction, scope))
+
+
+def _groups(sizes: Mapping[str, int], fraction: float, scope: str) -> Groups:
     if scope == "global":
-        total = sum(score.numel() for score in scores.values())
-        return _lowest(scores, round(fraction * total))
-    return {name: _lowest({name: score}, round(fraction * score.numel()))[name] for name, score in scores.items()}
+        return [(list(sizes), round(fraction * sum(sizes.values())))]
+    return [([name], round(fraction * size)) for name, size in sizes.items()]
 
 
-def unstructured_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str) -> Masks:
+def unstructured_masks(
+    weights: Mapping[str, torch.Tensor], sparsity: float, scope: str, selector: Selector = LOCAL
+) -> Masks:
     """Zero the smallest-magnitude weights, one threshold for all tensors (global) or per tensor (layer)."""
-    return _by_scope({name: magnitude(weight) for name, weight in weights.items()}, sparsity, scope)
+    return _by_scope({name: magnitude(weight) for name, weight in weights.items()}, sparsity, scope, selector)
 
 
 def channel_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str) -> Masks:
@@ -91,7 +127,9 @@ def channel_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: s
     return {name: chosen[name].reshape(-1, *([1] * (weights[name].dim() - 1))) for name in weights}
 
 
-def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, n: int, m: int, scope: str) -> Masks:
+def nm_masks(
+    weights: Mapping[str, torch.Tensor], sparsity: float, n: int, m: int, scope: str, selector: Selector = LOCAL
+) -> Masks:
     """N:M masks reached gradually.
 
     Up to sparsity N/M, the groups of M that cost least to make N:M become N:M (their N smallest weights
@@ -99,10 +137,10 @@ def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, n: int, m: in
     """
     base = n / m
     costs = {name: nm_group_cost(weight, n, m) for name, weight in weights.items()}
-    groups_chosen = _by_scope(costs, min(sparsity / base, 1.0), scope)
+    groups_chosen = _by_scope(costs, min(sparsity / base, 1.0), scope, selector)
     masks: Masks = {}
     for name, weight in weights.items():
-        grouped = weight.detach().abs().reshape(weight.shape[0], -1, m)
+        grouped = weight.detach().abs().reshape(weight.shape[0], math.prod(weight.shape[1:]) // m, m)
         smallest = grouped.topk(n, dim=2, largest=False).indices
         in_group = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, smallest, True)
         masks[name] = (in_group & groups_chosen[name].unsqueeze(2)).reshape(weight.shape)
@@ -110,14 +148,9 @@ def nm_masks(weights: Mapping[str, torch.Tensor], sparsity: float, n: int, m: in
         # Already-pruned weights rank last, so the extra share lands on surviving weights only.
         survivors = {name: magnitude(weights[name]).masked_fill(masks[name], float("inf")) for name in weights}
         share = (sparsity - base) / (1 - base)
-        if scope == "global":
-            kept = sum(int((~mask).sum()) for mask in masks.values())
-            extra = _lowest(survivors, round(share * kept))
-        else:
-            extra = {
-                name: _lowest({name: score}, round(share * int((~masks[name]).sum())))[name]
-                for name, score in survivors.items()
-            }
+        sizes, pruned = selector.numel(masks), selector.count(masks)
+        kept = {name: sizes[name] - pruned[name] for name in masks}
+        extra = selector.lowest(survivors, _groups(kept, share, scope))
         masks = {name: masks[name] | extra[name] for name in masks}
     return masks
 
@@ -162,12 +195,14 @@ def compute_masks(
     scope: str,
     pattern: tuple[int, int] | None = None,
     layouts: Mapping[str, Layout] | None = None,
+    selector: Selector = LOCAL,
 ) -> Masks:
     """Masks that bring `weights` to `sparsity` at the given granularity (see module docstring).
 
     `layouts` gives a weight's (output dim, input dim) where it is not (0, 1), e.g. ``(1, 0)`` for Hugging
     Face's Conv1D, whose weight is [in, out]: channels then prune its columns and N:M groups run down its
-    rows. Masks come back in each weight's own layout.
+    rows. Masks come back in each weight's own layout. `selector` counts and ranks across tensors: pass a
+    `ShardedSelector` when `weights` are FSDP2 shards (channels need whole rows and are not offered there).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}: must be one of {', '.join(GRANULARITIES)}")
@@ -176,12 +211,14 @@ def compute_masks(
     layouts = layouts or {}
     views = {name: to_layout(weight, granularity, layouts.get(name, (0, 1))) for name, weight in weights.items()}
     if granularity == "unstructured":
-        masks = unstructured_masks(views, sparsity, scope)
+        masks = unstructured_masks(views, sparsity, scope, selector)
     elif granularity == "channels":
+        if selector is not LOCAL:
+            raise ValueError("granularity='channels' ranks whole rows: it cannot run on shards")
         masks = channel_masks(views, sparsity, scope)
     else:
         assert pattern is not None
-        masks = nm_masks(views, sparsity, *pattern, scope)
+        masks = nm_masks(views, sparsity, *pattern, scope, selector)
     return {name: from_layout(mask, granularity, layouts.get(name, (0, 1))) for name, mask in masks.items()}
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_eff.pruning.export import summary_rows
 from lightning_eff.pruning.plot import plot_pruning
-from lightning_eff.pruning.sparse_format import stored_bytes
+from lightning_eff.pruning.sparse_format import packed_entry_bytes
 from lightning_eff.report import ReportSection
 
 if TYPE_CHECKING:
@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 
 def pruning_section(callback: GradualPruning, run_dir: Path) -> ReportSection:
     """Per-layer sparsity table and a plot of target vs achieved sparsity over steps."""
-    layers = callback.layer_sparsity
+    zeros = callback.zero_counts()  # under FSDP2 counted on every rank at the end of fit: the report runs on rank 0
+    layers = {name: count / callback._parameters[name].numel() for name, count in zeros.items()}
     figure = plot_pruning(callback.history, layers, run_dir / "pruning.png")
-    nonzero = sum(int((callback._parameters[name] != 0).sum()) for name in layers)
+    nonzero = sum(callback._parameters[name].numel() - count for name, count in zeros.items())
     aliases = {t.weight: t.aliases for t in callback._live_targets()}
     rows: list[dict[str, Any]] = [
         {"layer": name, "shape": "x".join(map(str, callback._parameters[name].shape)), "sparsity": value}
@@ -40,7 +41,7 @@ def pruning_section(callback: GradualPruning, run_dir: Path) -> ReportSection:
             "scope": callback.scope,
             "schedule": callback.schedule_kind,
             "target_sparsity": callback.target_sparsity,
-            "achieved_sparsity": callback.sparsity,
+            "achieved_sparsity": callback._overall(layers),
             "reached_target": callback.reached_target,
             "end_step": callback._schedule.end_step if callback._schedule else callback.end_step,
             "planned_steps": callback._planned_steps,
@@ -49,7 +50,7 @@ def pruning_section(callback: GradualPruning, run_dir: Path) -> ReportSection:
             "nonzero_targeted_weights": nonzero,
             "mask_updates": len(callback.history),
             "tied": {name: list(names) for name, names in aliases.items() if names},
-            **packed_bytes(callback),
+            **packed_bytes(callback, zeros),
             "left_dense": dict(callback.left_dense),
             **summary,
         },
@@ -58,11 +59,12 @@ def pruning_section(callback: GradualPruning, run_dir: Path) -> ReportSection:
     )
 
 
-def packed_bytes(callback: GradualPruning) -> dict[str, int]:
+def packed_bytes(callback: GradualPruning, zeros: dict[str, int]) -> dict[str, int]:
     """Bytes of the pruned weights on disk, dense and in `sparse_format` (bitmap + nonzero values), without writing."""
     dense = packed = 0
-    for name in callback.layer_sparsity:
-        weight = callback._parameters[name].detach()
-        dense += weight.numel() * weight.element_size()
-        packed += stored_bytes(weight)
+    for name, count in zeros.items():
+        weight = callback._parameters[name]
+        size = weight.numel() * weight.element_size()
+        dense += size
+        packed += min(size, packed_entry_bytes(weight.numel(), weight.numel() - count, weight.element_size()))
     return {"targeted_bytes_dense": dense, "targeted_bytes_packed": packed}

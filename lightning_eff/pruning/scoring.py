@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -25,5 +27,5 @@ def nm_group_cost(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
     Shape [out, in // m]; the groups with the lowest cost are made N:M first.
     """
-    groups = weight.detach().abs().reshape(weight.shape[0], -1, m)
+    groups = weight.detach().abs().reshape(weight.shape[0], math.prod(weight.shape[1:]) // m, m)
     return groups.topk(n, dim=2, largest=False).values.sum(dim=2)
