@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -16,13 +17,21 @@ from typing_extensions import override
 
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.pruning.sparse_format import packed_state_bytes, save_sparse
-from lightning_eff.quantization.convert import convert, weight_bytes
+from lightning_eff.quantization.conv import broadcast_folded_norm_statistics
+from lightning_eff.quantization.convert import convert, is_fsdp2, weight_bytes
 from lightning_eff.quantization.export import NotExportableError, check_exportable, save_quantized
 from lightning_eff.quantization.measure import evaluate_test_set, inference_seconds
-from lightning_eff.quantization.prepare import LayerPlan, plan_layers, set_fake_quantize, swap_in_fake_quantized
+from lightning_eff.quantization.prepare import (
+    FAKE_QUANTIZED,
+    LayerPlan,
+    plan_layers,
+    set_fake_quantize,
+    swap_in_fake_quantized,
+)
 from lightning_eff.quantization.schemes import SCHEMES
 from lightning_eff.report import ReportSection, state_dict_bytes
-from lightning_eff.validation import check, check_bool, check_choice, check_globs, check_int
+from lightning_eff.sharding import unsharded_copy
+from lightning_eff.validation import ConfigError, check, check_bool, check_choice, check_globs, check_int
 
 FLOAT, FAKE_QUANT = "float", "fake_quant"
 
@@ -37,6 +46,15 @@ class QuantizationAwareTraining(L.Callback):
     After fit, rank 0 converts an unwrapped copy to `QuantizedLinear`\ s holding integers
     (`quantized_model`), after the last checkpoint was written; the training model stays fake-quantized, so
     ``Trainer.test(ckpt_path=...)`` and resuming work as before.
+
+    Under FSDP2 (Lightning's `ModelParallelStrategy`, ``fully_shard`` in ``configure_model``) the swap happens
+    in `setup`, which Lightning runs before ``configure_model``, so ``fully_shard`` shards the fake-quantized
+    layers; their forward sees the gathered weight, so per-group scales are those of the whole row, as
+    unsharded. There are no observers: activation ranges come from each batch; the one per-rank state, the running
+    statistics of a BatchNorm folded into a conv, is broadcast from rank 0 before each batch, as DDP does. After
+    fit every rank takes part in gathering the weights (`sharding.unsharded_copy`), and rank 0 converts,
+    exports and reports from that plain CPU copy, which it keeps for the report. FSDP1 (`FSDPStrategy`) is
+    refused at setup.
 
     Args:
         scheme: ``int8_dynamic_act_int4_weight``, ``int4_weight_only``, ``int8_weight_only`` or ``int8_dynamic``
@@ -96,6 +114,7 @@ class QuantizationAwareTraining(L.Callback):
         self.phase = FLOAT
         self.phase_changed_at: int | None = None
         self.quantized_model: nn.Module | None = None
+        self._gathered: L.LightningModule | None = None  # rank 0's plain copy of a sharded model after fit, for the report
         self._example: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._capture: Any = None
         self._batch: Any = None
@@ -117,6 +136,8 @@ class QuantizationAwareTraining(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if pl_module is self.quantized_model:
             return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ConfigError("strategy", type(trainer.strategy).__name__, FSDP1_REFUSAL)
         plan = self.plan(pl_module)
         self.layers, self.head, self.skipped_layers = plan.layers, plan.head, plan.skipped
         if plan.only_head:
@@ -128,6 +149,12 @@ class QuantizationAwareTraining(L.Callback):
             rank_zero_warn(
                 f"QuantizationAwareTraining: {layer} shares its weight with {embedding}, which stays float "
                 "(include it to quantize both once): the converted model holds both, no longer one tensor"
+            )
+        if is_fsdp2(pl_module) and not all(isinstance(pl_module.get_submodule(n), FAKE_QUANTIZED) for n in plan.layers):
+            raise RuntimeError(
+                "QuantizationAwareTraining: the model is already sharded at setup, too late to swap in fake-quantized "
+                "layers: call fully_shard in the LightningModule's configure_model (Lightning runs it after the "
+                "callbacks' setup)"
             )
         self._float_bytes = state_dict_bytes(pl_module)
         swap_in_fake_quantized(pl_module, self.layers, self.scheme, self.group_size, plan.folded)
@@ -157,6 +184,8 @@ class QuantizationAwareTraining(L.Callback):
     ) -> None:
         if self.phase == FLOAT and trainer.global_step >= self.start_step:
             self._set_phase(trainer, pl_module, FAKE_QUANT)
+        if trainer.world_size > 1 and is_fsdp2(pl_module):
+            broadcast_folded_norm_statistics(pl_module)  # as DDP's buffer broadcast: one rounding grid on every rank
         if self._example is None:
             # The first training batch's forward input (not the model summary's example_input_array): it times
             # inference before and after conversion and traces the export.
@@ -194,6 +223,8 @@ class QuantizationAwareTraining(L.Callback):
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
+        if trainer.world_size > 1 and is_fsdp2(pl_module):
+            broadcast_folded_norm_statistics(pl_module)
 
     @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -213,9 +244,15 @@ class QuantizationAwareTraining(L.Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the last checkpoint: ModelCheckpoint saves in batch/epoch/validation hooks, all before this one.
-        if not self.convert_on_fit_end or not trainer.is_global_zero:
+        if not self.convert_on_fit_end:
             return
-        self.quantized_model = convert(pl_module)
+        # FSDP2: every rank takes part in the gathers, one tensor at a time; only rank 0 keeps the copy.
+        whole = unsharded_copy(pl_module, rank0_only=True) if is_fsdp2(pl_module) else pl_module
+        if not trainer.is_global_zero:
+            return
+        assert whole is not None
+        self._gathered = whole if whole is not pl_module else None
+        self.quantized_model = convert(whole)
         after = state_dict_bytes(self.quantized_model)
         if self._float_bytes and after >= self._float_bytes:
             rank_zero_warn(
@@ -273,7 +310,7 @@ class QuantizationAwareTraining(L.Callback):
         """Scheme, bytes, CPU inference time and the task's test metrics, before and after conversion."""
         if self.quantized_model is None:
             return None
-        pl_module = trainer.lightning_module
+        pl_module = self._gathered if self._gathered is not None else trainer.lightning_module
         converted = self.quantized_model.cpu()
         stored, fp32 = weight_bytes(converted)
         state = converted.state_dict()
@@ -314,6 +351,11 @@ class QuantizationAwareTraining(L.Callback):
                     for key in before_metrics]  # fmt: skip
         return ReportSection(name="quantization", summary=summary, rows=rows)
 
+
+FSDP1_REFUSAL = (
+    "QuantizationAwareTraining does not support FSDP1 (its flat parameters hide the layers' weights from the "
+    "swap and the conversion); use ModelParallelStrategy (FSDP2: fully_shard in configure_model) or DDP"
+)
 
 SPARSE_EXPORT_SHARE = 0.8
 """With ``export_path``, a packed copy of the converted weights is written too when it is at most this share."""

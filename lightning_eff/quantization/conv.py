@@ -202,6 +202,30 @@ def fake_quantized_conv(conv: nn.Module, scheme: QuantScheme, norm: _BatchNorm |
     return twin
 
 
+def broadcast_folded_norm_statistics(model: nn.Module, src: int = 0) -> None:
+    """Rank `src`'s running statistics into every folded BatchNorm of `model`, on every rank (a collective).
+
+    DDP broadcasts rank 0's buffers before each forward; FSDP2 leaves them per rank. A folded BatchNorm's running
+    variance sets the grid its conv's weight is rounded to, so without this each rank would train against its
+    own grid, and the result would differ from DDP's. One broadcast for all of them.
+    """
+    statistics = [
+        buffer
+        for module in model.modules()
+        if isinstance(module, _FakeQuantizedConv) and (norm := module.folded_norm) is not None
+        for buffer in (norm.running_mean, norm.running_var)
+        if buffer is not None
+    ]
+    if not statistics:
+        return
+    flat = torch.cat([buffer.reshape(-1) for buffer in statistics])
+    torch.distributed.broadcast(flat, src)
+    offset = 0
+    for buffer in statistics:
+        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+
+
 def float_conv(twin: nn.Module) -> nn.Module:
     """The plain conv back from its twin (the same Parameters)."""
     plain_type = next(base for base, fake in FAKE_CONVS.items() if isinstance(twin, fake))

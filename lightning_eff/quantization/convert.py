@@ -49,6 +49,7 @@ from lightning_eff.quantization.prepare import (
 from lightning_eff.quantization.pretrained import guard_save_pretrained
 from lightning_eff.quantization.registered import FakeQuantizedRegistered, QuantizedRegistered, quantized_registered
 from lightning_eff.quantization.schemes import QuantScheme
+from lightning_eff.sharding import is_sharded, unsharded_copy
 
 
 def pack_int4(integers: Tensor) -> Tensor:
@@ -384,6 +385,17 @@ def _quantized(layer: nn.Module) -> AnyQuantized | QuantizedMultiheadAttention |
     return QuantizedLinear.from_fake_quantized(layer)  # type: ignore[arg-type]
 
 
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether `model` is under FSDP2 (``fully_shard``), which forbids deepcopy: a copy must be gathered.
+
+    By the modules, not only the parameters: after a forward without backward FSDP2 leaves the root's
+    parameters unsharded, plain tensors, until the next step.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return is_sharded(model) or any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def convert(model: nn.Module) -> nn.Module:
     """A copy of `model` with every fake-quantized layer replaced by a `QuantizedLinear` (or `QuantizedEmbedding`).
 
@@ -392,8 +404,14 @@ def convert(model: nn.Module) -> nn.Module:
 
     `nn.TransformerEncoderLayer`s holding one stay off their fused fast path (`keep_off_fused_paths`), so the
     copy runs in eval, under `no_grad` and under `inference_mode`.
+
+    An FSDP2-sharded `model` (``fully_shard``, which forbids deepcopy) is gathered into a plain CPU copy first
+    (`sharding.unsharded_copy`): a collective, so every rank must call `convert`; to convert on one rank only,
+    pass it ``unsharded_copy(model, rank0_only=True)`` instead.
     """
-    converted = copy.deepcopy(model).eval()
+    plain = unsharded_copy(model) if is_fsdp2(model) else copy.deepcopy(model)
+    assert plain is not None
+    converted = plain.eval()
     by_weight: dict[int, nn.Module] = {}  # tied layers (one weight) are quantized once
     names = {id(module): name for name, module in converted.named_modules()}
     for name, module in list(converted.named_modules()):
