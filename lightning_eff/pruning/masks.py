@@ -223,24 +223,35 @@ def compute_masks(
 
 
 class MaskApplier:
-    """Zeroes the pruned entries of many parameters with one fused multiply (`torch._foreach_mul_`).
+    """Zeroes the pruned entries of many parameters after every optimizer step.
 
-    Built once per mask update: keep-factors in each parameter's dtype and shape, so applying them after
-    every optimizer step costs one multiply per weight (a bool `masked_fill_` cost about 3x more here).
+    By default with one fused multiply (`torch._foreach_mul_`) by keep-factors in each parameter's dtype and
+    shape, built once per mask update: a bool `masked_fill_` cost about 3x more here. The factors take as much
+    memory as the weights, so `low_memory` (used under FSDP2, where memory is the point) keeps only the bool
+    masks, a quarter of fp32 weights, and fills each parameter in turn.
     """
 
-    def __init__(self, parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self, parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], low_memory: bool = False
+    ) -> None:
         self.parameters = [parameters[name] for name in masks]
-        self.keep = []
+        self.keep: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
         for name, mask in masks.items():
             parameter = parameters[name]
             if mask.device != parameter.device:
                 raise RuntimeError(f"mask for {name} is on {mask.device}, the parameter on {parameter.device}")
-            self.keep.append((~mask).to(parameter.dtype).expand_as(parameter).contiguous())
+            if low_memory:
+                self.masks.append(mask)
+            else:
+                self.keep.append((~mask).to(parameter.dtype).expand_as(parameter).contiguous())
 
     @torch.no_grad()
     def __call__(self) -> None:
-        if self.parameters:
+        if self.masks:
+            for parameter, mask in zip(self.parameters, self.masks, strict=True):
+                parameter.masked_fill_(mask, 0)
+        elif self.parameters:
             torch._foreach_mul_(self.parameters, self.keep)
 
 
