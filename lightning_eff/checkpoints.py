@@ -78,7 +78,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` cannot be a whole `torch.save` file (truncated, corrupted), or None if every CRC checks out."""
+    """Why `path` cannot be a whole checkpoint (truncated, corrupted), or None if it is.
+
+    A `torch.save` file is whole when every CRC checks out. A sharded checkpoint (a directory, as FSDP2 under
+    `ModelParallelStrategy` writes) is whole when `torch.distributed.checkpoint`'s ``.metadata`` (written after
+    every shard) and Lightning's ``meta.pt`` (written after that) are there and whole, and so is every folder of
+    shards a plugin wrote beside them (GradualPruning's masks).
+    """
+    if path.is_dir():
+        for folder in [path, *(child for child in path.iterdir() if child.is_dir() and any(child.glob("*.distcp")))]:
+            if not (folder / ".metadata").is_file():
+                return f"sharded checkpoint without {folder.relative_to(path.parent) / '.metadata'} (cut short)"
+        if not (path / "meta.pt").is_file():
+            return "sharded checkpoint without meta.pt (cut short)"
+        return checkpoint_problem(path / "meta.pt")
     try:
         with zipfile.ZipFile(path) as archive:
             broken = archive.testzip()

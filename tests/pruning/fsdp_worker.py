@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
 from lightning_eff import GradualPruning
+from lightning_eff.checkpoints import checkpoint_problem
 from lightning_eff.pruning.masks import compute_masks
 from lightning_eff.pruning.report import pruning_section
 from lightning_eff.pruning.sharded import MASK_DIR
@@ -148,8 +150,13 @@ def run(out: Path) -> None:
     again = full_weights(resumed, names)
     lines.append(f"resume_weights_equal {int(all(torch.equal(weights[n], again[n]) for n in names))}")
 
-    # 4. the consolidated checkpoint loads strictly into the plain model, with the pruned zeros
+    # 4. the consolidated checkpoint loads strictly into the plain model, with the pruned zeros; a sharded
+    # checkpoint whose mask shards were cut short is not whole (resume=auto skips it)
     if torch.distributed.get_rank() == 0:
+        cut = root / "cut.ckpt"
+        shutil.copytree(step2, cut)
+        (cut / MASK_DIR / ".metadata").unlink()
+        lines.append(f"whole_check {checkpoint_problem(step2)} | {checkpoint_problem(cut)}")
         state = _load_distributed_checkpoint(root / "fsdp" / "step=6.ckpt")["state_dict"]
         plain = TinyGPT(n_layer=2, n_head=2, d_model=32, seq_len=32)
         plain.load_state_dict(state, strict=True)

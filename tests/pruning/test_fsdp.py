@@ -27,6 +27,9 @@ def test_pruning_under_fsdp2_matches_ddp_resumes_exactly_and_refuses_channels(tm
         assert lines["layer_exact"] == "1" and lines["nm_2_4"] == "1"
         assert lines["gpt2_ddp_masks_equal"] == "1 8" and lines["gpt2_nm_2_4"] == "1 8"
         assert lines["channels_refused"].startswith("granularity=channels: is not available under FSDP2")
+    whole, cut = ranks[0]["whole_check"].split(" | ")
+    assert whole == "None"  # a sharded checkpoint with its mask shards is whole; without their .metadata it is not
+    assert cut == "sharded checkpoint without cut.ckpt/lightning_eff_pruning_masks/.metadata (cut short)"
     assert ranks[0]["consolidated_equal"] == "1"  # strict load into the plain model, zeros included
     achieved, nonzero, zeros = ranks[0]["report"].split()
     assert achieved == ranks[0]["global_sparsity"] and int(nonzero) == int(zeros)  # 50%: as many kept as zeroed
