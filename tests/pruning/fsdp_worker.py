@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
-from lightning_eff import GradualPruning
+from lightning_eff import GradualPruning, QuantizationAwareTraining
 from lightning_eff.checkpoints import checkpoint_problem
 from lightning_eff.pruning.masks import compute_masks
 from lightning_eff.pruning.report import pruning_section
@@ -39,12 +39,13 @@ def fsdp() -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
 
-def fit(callback: GradualPruning, strategy: Any, max_steps: int, root: Path | None = None,
+def fit(callback: L.Callback | list[L.Callback], strategy: Any, max_steps: int, root: Path | None = None,
         ckpt_path: str | None = None) -> tuple[TinyGPT, L.Trainer]:  # fmt: skip
     L.seed_everything(0, verbose=False)
     model = TinyGPT(n_layer=2, n_head=2, d_model=32, seq_len=32, warmup_steps=1)
     saver = [ModelCheckpoint(dirpath=root, filename="{step}", save_top_k=-1, every_n_train_steps=2)] if root else []
-    trainer = L.Trainer(max_steps=max_steps, strategy=strategy, callbacks=[callback, *saver],
+    callbacks = callback if isinstance(callback, list) else [callback]
+    trainer = L.Trainer(max_steps=max_steps, strategy=strategy, callbacks=[*callbacks, *saver],
                         enable_checkpointing=root is not None, **QUIET)  # fmt: skip
     trainer.fit(model, TextDataModule(seq_len=32, batch_size=4, max_bytes=40_000), ckpt_path=ckpt_path)
     return model, trainer
@@ -198,7 +199,23 @@ def run(out: Path) -> None:
              for t in nm_gpt2.targets for m in [gathered_masks(nm_gpt2)[t.weight]])  # fmt: skip
     lines.append(f"gpt2_nm_2_4 {int(ok)} {len(nm_gpt2.targets)}")
 
-    # 9. channels are refused in one line, before training
+    # 9. pruning + QAT together: the converted (rank 0) model's integers are zero where the masks prune
+    pruning = GradualPruning(target_sparsity=0.75, update_every=2, end_step=4, scope="layer")
+    qat = QuantizationAwareTraining("int8_dynamic_act_int4_weight", start_step=2)
+    model, _ = fit([pruning, qat], fsdp(), 6)
+    weights = full_weights(model, list(pruning.masks))
+    if torch.distributed.get_rank() == 0:
+        assert qat.quantized_model is not None
+        checked = 0
+        pruned_layers = [name for name in qat.layers if f"{name}.weight" in weights]  # embeddings stay dense
+        for name in pruned_layers:
+            pruned = weights[f"{name}.weight"] == 0
+            converted = qat.quantized_model.get_submodule(name)
+            ok = float(pruned.float().mean()) == 0.75 and bool((converted.integer_weight()[pruned] == 0).all())
+            checked += int(ok)
+        lines.append(f"pruning_qat {checked} {len(pruned_layers)}")
+
+    # 10. channels are refused in one line, before training
     try:
         fit(GradualPruning(granularity="channels", target_sparsity=0.5, end_step=4), fsdp(), 2)
         lines.append("channels_refused none")

@@ -30,6 +30,8 @@ def test_pruning_under_fsdp2_matches_ddp_resumes_exactly_and_refuses_channels(tm
     whole, cut = ranks[0]["whole_check"].split(" | ")
     assert whole == "None"  # a sharded checkpoint with its mask shards is whole; without their .metadata it is not
     assert cut == "sharded checkpoint without cut.ckpt/lightning_eff_pruning_masks/.metadata (cut short)"
+    checked, layers = ranks[0]["pruning_qat"].split()
+    assert checked == layers and int(layers) >= 8  # every QAT layer: 75% zeros, kept zero by the conversion
     assert ranks[0]["consolidated_equal"] == "1"  # strict load into the plain model, zeros included
     achieved, nonzero, zeros = ranks[0]["report"].split()
     assert achieved == ranks[0]["global_sparsity"] and int(nonzero) == int(zeros)  # 50%: as many kept as zeroed
