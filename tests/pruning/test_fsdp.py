@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from lightning_eff import GradualPruning
+from lightning_eff.tasks import TextDataModule, TinyGPT
+from lightning_eff.validation import ConfigError
 from tests.pruning import fsdp_worker
 from tests.workers import run_worker
 
@@ -35,3 +43,14 @@ def test_pruning_under_fsdp2_matches_ddp_resumes_exactly_and_refuses_channels(tm
     assert ranks[0]["consolidated_equal"] == "1"  # strict load into the plain model, zeros included
     achieved, nonzero, zeros = ranks[0]["report"].split()
     assert achieved == ranks[0]["global_sparsity"] and int(nonzero) == int(zeros)  # 50%: as many kept as zeroed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy (FSDP1) needs a CUDA device")
+def test_fsdp1_is_refused_in_one_line_before_training(tmp_path: Path) -> None:
+    callback = GradualPruning(target_sparsity=0.5, end_step=4)
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=FSDPStrategy(), max_steps=2, callbacks=[callback],
+                        logger=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ConfigError, match="GradualPruning needs FSDP2"):
+        trainer.fit(TinyGPT(n_layer=1, d_model=32, seq_len=32), TextDataModule(seq_len=32, max_bytes=20_000))
+    assert trainer.global_step == 0
