@@ -55,6 +55,16 @@ class GPTBatches(Dataset):
         return tokens[:, :-1], tokens[:, 1:]
 
 
+class GPTData(L.LightningDataModule):
+    """This rank's batches to train on, and 2 of them to test on (the report's test rows need a datamodule)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(GPTBatches(rank()), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(torch.utils.data.Subset(GPTBatches(rank()), [0, 1]), batch_size=None)
+
+
 class ZooBatchesOfRank(Dataset):
     def __init__(self, name: str, rank: int, count: int) -> None:
         self.name, self.rank, self.count = name, rank, count
@@ -145,14 +155,20 @@ def run_gpt(strategy: str, out: Path, results: dict[str, Any], lines: dict[str, 
     model = TinyGPT(n_layer=2, n_head=2, d_model=64, seq_len=SEQ, warmup_steps=2)
     fitter = trainer(strategy, callbacks, 2, out)
     ckpt = str(next((out / "ckpt").glob("epoch=0-*"))) if resume else None
-    fitter.fit(model, DataLoader(GPTBatches(rank()), batch_size=None), ckpt_path=ckpt)
+    fitter.fit(model, datamodule=GPTData(), ckpt_path=ckpt)
+    layers = list(callback.layers)
+    if export is not None:  # as the app does after fit: setup runs again, now on the sharded model
+        fitter.test(model, datamodule=GPTData(), verbose=False)
     inputs = {"tokens": GPTBatches(rank())[0][0]}
-    lines[name] = summary(callback, model, model.blocks[0].attn.qkv, inputs)
+    lines[name] = {
+        **summary(callback, model, model.blocks[0].attn.qkv, inputs),
+        "same_layers": callback.layers == layers,
+    }
     assert isinstance(model.blocks[0].attn.qkv, FakeQuantizedLinear)
     if rank() == 0:
         report = callback.report_section(fitter, out)
         assert report is not None
-        results[name] = {**converted(callback), "report": report.summary, "export": export}
+        results[name] = {**converted(callback), "report": report.summary, "rows": report.rows, "export": export}
 
 
 def run_zoo(name: str, scheme: str, strategy: str, out: Path, results: dict[str, Any], lines: dict[str, Any]) -> None:

@@ -95,11 +95,16 @@ def test_rank_zero_exports_the_unsharded_conversion(launched: Any, run: str) -> 
     torch.testing.assert_close(logits_of(exported(*args, **kwargs)), result["output"])
 
 
-def test_the_report_measures_the_unsharded_copy(launched: Any) -> None:
-    _, converted, _ = launched
+def test_after_fit_and_test_the_report_measures_the_unsharded_copy(launched: Any) -> None:
+    """The app's order: fit, `Trainer.test` (setup again, on the sharded model), then rank 0's report."""
+    _, converted, ranks = launched
+    assert all(rank["gpt_fsdp2"]["same_layers"] for rank in ranks)
     report = converted["gpt_fsdp2"]["report"]
     assert report["model_bytes_fp32"] > 0 and report["weight_size_ratio"] < 0.2  # int4 weights, one scale per 32
     assert report["inference_ms_fp32"] > 0 and report["inference_ms_quantized"] > 0
+    rows = {row["metric"]: row for row in converted["gpt_fsdp2"]["rows"]}
+    loss = rows["test_loss"]
+    assert loss["converted"] == pytest.approx(loss["fake_quantized"], rel=1e-3)  # the integers compute what QAT trained
 
 
 def test_fsdp1_is_refused_at_setup_with_one_line() -> None:
