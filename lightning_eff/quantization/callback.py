@@ -114,7 +114,7 @@ class QuantizationAwareTraining(L.Callback):
         self.phase = FLOAT
         self.phase_changed_at: int | None = None
         self.quantized_model: nn.Module | None = None
-        self._gathered: L.LightningModule | None = None  # rank 0's plain copy of a sharded model after fit, for the report
+        self._gathered: L.LightningModule | None = None  # rank 0: a plain copy of a sharded model, for the report
         self._example: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._capture: Any = None
         self._batch: Any = None

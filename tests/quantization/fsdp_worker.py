@@ -3,15 +3,19 @@
 `python -m tests.quantization.fsdp_worker OUT_DIR` runs, in one process group (Lightning's launcher starts rank 1
 once; each later `fit` reuses the group):
 
-- the small GPT (per-group int4 weights, int8 activations) under DDP, then under FSDP2 with an export and a
-  sharded checkpoint per epoch, then under FSDP2 again resumed from the first epoch's checkpoint;
+- the small GPT (per-group int4 weights, int8 activations) under DDP, then under FSDP2 with an export, a
+  sharded checkpoint per epoch and, after fit, `Trainer.test` and rank 0's report (as the app runs them),
+  then under FSDP2 again resumed from the first epoch's checkpoint;
 - the zoo's Hugging Face GPT-2 (HF `Conv1D`, [in, out] weights: FSDP2 shards the input dim, so per-row scales
   computed on a shard would differ) with int8 per-row weights, under DDP and FSDP2, its export checked after
-  the first batch on the sharded model.
+  the first batch on the sharded model;
+- the zoo's ResNet (int8 convs, each BatchNorm folded in: its running statistics are buffers, which FSDP2
+  leaves per rank) under DDP and FSDP2.
 
 Every rank trains on its own batches (same per-rank data under both strategies, so gradients average alike).
-Rank 0 saves each converted model's state and the report's summary to ``OUT_DIR/results.pt``; every rank writes
-``OUT_DIR/rank<N>.json``: what the fake-quantized layers saw in a forward, a checksum of the buffers, the phase.
+Rank 0 saves each converted model's state, its output on the first training batch and the report to
+``OUT_DIR/results.pt``; every rank writes ``OUT_DIR/rank<N>.json``: what a fake-quantized layer saw in a
+forward, a checksum of the buffers, the phase.
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def test_fsdp1_trainer_on_a_gpu_is_refused_before_training(tmp_path: Path) -> No
                         enable_checkpointing=False, default_root_dir=tmp_path,
                         callbacks=[QuantizationAwareTraining()])  # fmt: skip
     with pytest.raises(ConfigError, match="does not support FSDP1"):
-        trainer.fit(TinyGPT(n_layer=1, d_model=32), datamodule=TextDataModule())
+        trainer.fit(TinyGPT(n_layer=1, d_model=32), datamodule=TextDataModule(seq_len=16, batch_size=2, max_bytes=4096))
+    assert trainer.global_step == 0
 
 
 @pytest.fixture
