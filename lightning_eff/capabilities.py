@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import nn
 
+from lightning_eff.validation import check
+
 
 @dataclass(frozen=True)
 class Capability:
@@ -37,6 +39,10 @@ CAPABILITIES = (
     Capability("compression", strategy_argument="compression", across_ranks="compresses gradients"),
     Capability("balancing", strategy_argument="balancer", across_ranks="balances work"),
 )
+# `trainer.strategy` values whose strategy takes the capabilities' strategy arguments: EfficientDDPStrategy for
+# ddp and auto, EfficientModelParallelStrategy for fsdp2 (registered by lightning_eff.strategies).
+DDP_STRATEGIES = ("ddp", "auto")
+SHARDED_STRATEGIES = ("fsdp2",)
 CAPABILITY_GROUPS = tuple(capability.group for capability in CAPABILITIES)
 # The groups a user's own Hydra app can compose; `experiment/` and `hydra/` belong to the `lightning-eff` app.
 SHARED_GROUPS = ("trainer", "model", "data", *CAPABILITY_GROUPS)
@@ -56,3 +62,14 @@ class ChecksWorldSize(Protocol):
     raises `ConfigError` with its own argument as the key."""
 
     def check_world_size(self, world_size: int) -> None: ...
+
+
+def check_strategy(group: str, strategy: str) -> None:
+    """A capability that configures the strategy (`strategy_argument`) needs one that takes it: DDP or FSDP2.
+
+    Lightning's `FSDPStrategy` (``fsdp``, FSDP1) and the others have no place for a compressor or a balancer, so
+    choosing one with them is refused here rather than ignored.
+    """
+    check(strategy in DDP_STRATEGIES + SHARDED_STRATEGIES, "trainer.strategy", strategy,
+          f"must be ddp (or auto), or fsdp2 for sharded training (trainer=fsdp_cpu, trainer=fsdp), when a {group} "
+          "group is chosen; Lightning's fsdp (FSDP1) has no place for it")  # fmt: skip

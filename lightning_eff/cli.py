@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from lightning_eff.capabilities import CAPABILITIES, ChecksModel, ChecksWorldSize
+from lightning_eff.capabilities import CAPABILITIES, SHARDED_STRATEGIES, ChecksModel, ChecksWorldSize, check_strategy
 from lightning_eff.checkpoints import AtomicCheckpointIO, newest_whole_checkpoint
 from lightning_eff.config import ConfigError, ValidatedConfig, validate
 from lightning_eff.distributed import dead_ranks, destroy_process_group_at_exit
@@ -38,7 +38,7 @@ from lightning_eff.report import (
     write_report,
 )
 from lightning_eff.slurm import JobRequeued, check_slurm_launch, requeue_job, slurm_plugins
-from lightning_eff.strategies import EfficientDDPStrategy
+from lightning_eff.strategies import EfficientDDPStrategy, EfficientModelParallelStrategy
 from lightning_eff.throughput import ThroughputMeter
 
 
@@ -114,6 +114,21 @@ def instantiate_group(cfg: DictConfig, group: str) -> Any:
         raise ConfigError(f"{group}._target_", cfg[group]._target_, f"could not be built: {message}") from None
 
 
+def build_strategy(
+    strategy: str, strategy_kwargs: dict[str, Any]
+) -> EfficientDDPStrategy | EfficientModelParallelStrategy:
+    """The strategy that takes the chosen compressor and balancer: FSDP2's for ``fsdp2``, DDP's otherwise.
+
+    A compressor that FSDP2's reduce-scatter cannot run (PowerSGD, TopK, Int8, Auto) is refused here, before fit.
+    """
+    for capability in CAPABILITIES:
+        if capability.strategy_argument in strategy_kwargs:
+            check_strategy(capability.group, strategy)
+    if strategy in SHARDED_STRATEGIES:
+        return EfficientModelParallelStrategy(**strategy_kwargs)
+    return EfficientDDPStrategy(**strategy_kwargs)
+
+
 def build_trainer(
     cfg: DictConfig, settings: ValidatedConfig, run_dir: Path, model: L.LightningModule
 ) -> tuple[L.Trainer, list[L.Callback]]:
@@ -148,7 +163,7 @@ def build_trainer(
         elif isinstance(plugin, L.Callback):
             callbacks.append(plugin)
     if strategy_kwargs:
-        trainer_kwargs["strategy"] = EfficientDDPStrategy(**strategy_kwargs)
+        trainer_kwargs["strategy"] = build_strategy(settings.trainer.strategy, strategy_kwargs)
     callbacks += slurm_callbacks  # last: its requeue checkpoint sees every plugin's state after the step
     trainer = L.Trainer(
         default_root_dir=run_dir,

@@ -8,6 +8,8 @@ measurement. Measured:
   optimizer step, and on CPU the CPU time gloo's threads spend after the last gradient (see `finish_step`);
 - the part that grows with the batch: forward, and backward up to this rank's last gradient (after it, DDP
   waits for the allreduce of the last buckets, which on a fast rank is mostly waiting for the slow one).
+  Under FSDP2 the collectives run inside forward and backward (each block's all-gather and reduce-scatter);
+  their time, reported through `waiting`, is left out of both.
 
 Not timed: the stretch from the end of the optimizer step to the next batch, which holds Lightning's per-step
 sigterm broadcast (a collective) and the data fetch, and everything an accelerator does asynchronously.
@@ -61,7 +63,8 @@ class StepTimer:
         self._grad_ready = 0.0  # when this rank's latest gradient was accumulated
         self._grad_ready_cpu = (0.0, 0.0)  # and this thread's and this process's CPU time then
         self._in_training_step = False
-        self._nested = (0.0, 0.0)  # wall and thread CPU of backward and optimizer steps run inside training_step
+        self._nested = (0.0, 0.0, 0.0)  # wall, thread CPU and waiting of backward/optimizer steps in training_step
+        self._waited = 0.0  # seconds blocked in collectives inside forward and backward (FSDP2's), ever
         self._step = -1
         self._step_started = 0.0
         self._grad_hooks: list[RemovableHandle] = []
@@ -85,6 +88,16 @@ class StepTimer:
             self._collective_seconds += time.perf_counter() - started
 
     @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A collective inside forward or backward (FSDP2's all-gathers and reduce-scatters): on a fast rank
+        mostly waiting for a slow one, so it is left out of the busy seconds."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._waited += time.perf_counter() - started
+
+    @contextmanager
     def training_step(self, samples: int) -> Iterator[None]:
         """Forward holds no collective. With manual optimization, backward and the optimizer step run inside
         training_step and are measured on their own."""
@@ -92,13 +105,13 @@ class StepTimer:
         if self._batch_ready is not None:
             self._fixed_seconds += max(started - self._batch_ready - self._collective_seconds, 0.0)
             self._batch_ready = None
-        self._in_training_step, self._nested = True, (0.0, 0.0)
+        self._in_training_step, self._nested, waited = True, (0.0, 0.0, 0.0), self._waited
         try:
             yield
         finally:
             self._in_training_step = False
         elapsed = time.perf_counter() - started
-        self._busy_seconds += elapsed - self._nested[0]
+        self._busy_seconds += elapsed - self._nested[0] - (self._waited - waited - self._nested[2])
         self._busy_cpu += time.thread_time() - started_cpu - self._nested[1]
         self._closure_seconds += elapsed
         self._samples += samples
@@ -108,7 +121,7 @@ class StepTimer:
         """Backward's compute ends when this rank's last gradient is accumulated (hooks on `parameters`)."""
         self._watch_gradients(parameters)
         started = self._grad_ready = time.perf_counter()
-        started_cpu = time.thread_time()
+        started_cpu, waited = time.thread_time(), self._waited
         yield
         ended, ended_cpu = time.perf_counter(), time.process_time()
         if self._grad_ready > started:
@@ -116,18 +129,19 @@ class StepTimer:
             self._busy_cpu += self._grad_ready_cpu[0] - started_cpu
             self._tail_cpu += ended_cpu - self._grad_ready_cpu[1]
         else:
-            self._busy_seconds += ended - started
+            self._busy_seconds += ended - started - (self._waited - waited)
         self._closure_seconds += ended - started
-        self._note_nested(started, started_cpu)
+        self._note_nested(started, started_cpu, waited)
 
     @contextmanager
     def optimizer_step(self) -> Iterator[None]:
         """What is not forward or backward: zero_grad, clipping, the update. The closure's collectives (DDP's
         allreduce) are inside backward, so they are not counted here."""
         started, started_cpu, self._closure_seconds = time.perf_counter(), time.thread_time(), 0.0
+        waited = self._waited
         yield
         self._fixed_seconds += max(time.perf_counter() - started - self._closure_seconds, 0.0)
-        self._note_nested(started, started_cpu)
+        self._note_nested(started, started_cpu, waited)
 
     def finish_step(self, step: int) -> StepMeasurement | None:
         """At the start of optimizer step `step`: the previous step's measurement (None at the first).
@@ -160,11 +174,15 @@ class StepTimer:
             handle.remove()
         self._grad_hooks = []
 
-    def _note_nested(self, started: float, started_cpu: float) -> None:
+    def _note_nested(self, started: float, started_cpu: float, waited: float) -> None:
         """Inside training_step (manual optimization), keep this call's time out of training_step's own."""
         if self._in_training_step:
-            wall, cpu = self._nested
-            self._nested = (wall + time.perf_counter() - started, cpu + time.thread_time() - started_cpu)
+            wall, cpu, waiting = self._nested
+            self._nested = (
+                wall + time.perf_counter() - started,
+                cpu + time.thread_time() - started_cpu,
+                waiting + self._waited - waited,
+            )
 
     def _watch_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
         """Note when each parameter's gradient is accumulated (once per run; removed by `close`)."""

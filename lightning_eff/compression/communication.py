@@ -18,7 +18,7 @@ from lightning_eff.compression import COMPRESSORS, Compressor
 from lightning_eff.compression.hooks import CompressionHook
 from lightning_eff.compression.stats import CompressionStats
 from lightning_eff.report import ReportSection
-from lightning_eff.validation import check_choice
+from lightning_eff.validation import ConfigError, check_choice
 
 CHECKPOINT_KEY = "lightning_eff_compression"  # a list: each rank's compressor state, in rank order
 
@@ -27,6 +27,8 @@ def resolve_compressor(value: Compressor | str | None) -> Compressor | None:
     """A compressor, or a new one of a registered name (``"powersgd"``); None stays None."""
     if value is None or isinstance(value, Compressor):
         return value
+    if isinstance(value, type):  # the class itself, e.g. compression=PowerSGD
+        raise ConfigError("compression", value.__name__, f"is a class; pass an instance, e.g. {value.__name__}()")
     check_choice("compression", value, tuple(COMPRESSORS))
     return COMPRESSORS[value]()
 
@@ -40,6 +42,11 @@ class CompressedCommunication:
         self.hook: CompressionHook | None = None
         self._restored_state: dict[str, Any] | None = None  # loaded before the hook exists
         self._logged_step = -1
+
+    @property
+    def registered(self) -> bool:
+        """Whether the compressor is in place (its hook registered), so there is traffic to log and report."""
+        return self.hook is not None
 
     def register(self, model: DistributedDataParallel, sync_timing: bool) -> None:
         """Register the hook on `model`, with this rank's restored state if a checkpoint was loaded first."""
@@ -77,7 +84,7 @@ class CompressedCommunication:
         """The last step's bytes and seconds as `compression/*`, every `log_every_n_steps` (global rank 0)."""
         step = trainer.global_step
         every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning at init, not declared
-        if self.hook is None or not trainer.is_global_zero:
+        if not self.registered or not trainer.is_global_zero:
             return
         if step == self._logged_step or step % every or self.stats.steps == 0:
             return
@@ -95,7 +102,7 @@ class CompressedCommunication:
 
     def report_section(self) -> ReportSection | None:
         """`communication`: bytes a dense allreduce would have sent vs bytes sent, and the time it took."""
-        if self.hook is None:
+        if not self.registered:
             return None
         total, steps = self.stats.total, max(self.stats.steps, 1)
         summary: dict[str, Any] = {
