@@ -8,7 +8,8 @@ unit); the teacher a wider GPT held by the callback, whole on every rank:
    projection (32 -> 48), a sharded checkpoint per epoch; then `Trainer.test` (agreement on the test set), the
    exported `stripped_copy`, and `initial_teacher` of the sharded student;
 2. ``resumed``: a fresh student, teacher and callback resumed from the checkpoint after epoch 2;
-3. ``initial``: ``teacher="initial"`` on a fresh student (copied in `setup`, before ``configure_model`` shards).
+3. ``initial``: ``teacher="initial"`` on a fresh student (copied in `setup`, before ``configure_model`` shards);
+4. a sharded teacher, refused in `setup`.
 
 Every rank writes ``OUT/rank<N>.pt``: losses, weights (gathered), what the export and the teachers look like.
 """
@@ -25,12 +26,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_eff.distillation import PROJECTIONS, KnowledgeDistillation, agreement_totals, initial_teacher
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.sharding import full_tensor, is_sharded
 from lightning_eff.tasks.gpt import TinyGPT
+from lightning_eff.validation import ConfigError
 
 BATCHES = 2  # per rank and epoch
 SEQ = 16
@@ -156,10 +160,17 @@ def main() -> None:
     model = student()
     before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     initial = KnowledgeDistillation("initial", loss="kl", weight=1.0)
-    fit(model, [initial], out)
+    trainer = fit(model, [initial], out)
     result["initial"] = {"before": before, "teacher": initial.teacher.state_dict(), "after": gathered(model),
                          "teacher_sharded": is_sharded(initial.teacher), "steps": initial.steps,
                          "teacher_trainable": any(p.requires_grad for p in initial.teacher.parameters())}  # fmt: skip
+
+    # 4. a sharded teacher
+    sharded = fully_shard(teacher(), mesh=init_device_mesh("cpu", (2,)))
+    try:
+        KnowledgeDistillation(sharded).setup(trainer, model, "fit")
+    except ConfigError as error:
+        result["sharded_teacher_error"] = str(error)
     torch.save(result, out / f"rank{rank()}.pt")
 
 

@@ -83,3 +83,10 @@ def test_initial_teacher_is_the_unsharded_student_before_training(ranks: tuple[l
         assert set(again["state"]) == {k for k in weights if not k.startswith(PROJECTIONS)}
         for name, weight in again["state"].items():
             assert torch.equal(weight, weights[name]), name
+
+
+def test_a_sharded_teacher_is_refused(ranks: tuple[list[dict[str, Any]], Path]) -> None:
+    for result in ranks[0]:
+        assert "teacher=FSDPTinyGPT: is sharded (DTensor parameters): pass an unsharded teacher" in (
+            result.get("sharded_teacher_error") or ""
+        )
