@@ -397,7 +397,7 @@ class GradualPruning(L.Callback):
 
     def _set_masks(self, masks: Masks) -> None:
         self.masks = masks
-        self._apply = MaskApplier(self._local, masks, low_memory=self._sharded)
+        self._apply = MaskApplier(self._local, masks)
 
     def _update(self, trainer: L.Trainer) -> None:
         """Recompute the masks when the schedule's sparsity has changed since they were computed."""

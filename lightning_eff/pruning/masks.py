@@ -223,36 +223,26 @@ def compute_masks(
 
 
 class MaskApplier:
-    """Zeroes the pruned entries of many parameters after every optimizer step.
+    """Zeroes the pruned entries of many parameters after every optimizer step, in one fused call.
 
-    By default with one fused multiply (`torch._foreach_mul_`) by keep-factors in each parameter's dtype and
-    shape, built once per mask update: a bool `masked_fill_` cost about 3x more here. The factors take as much
-    memory as the weights, so `low_memory` (used under FSDP2, where memory is the point) keeps only the bool
-    masks, a quarter of fp32 weights, and fills each parameter in turn.
+    ``w -= w * mask`` with the bool masks viewed as uint8 (`torch._foreach_addcmul_`): no copy of the masks, as
+    fast as a multiply by precomputed fp32 keep-factors (which took as much memory as the weights) and 4x faster
+    than `masked_fill_` here; exact, since ``w - w * 0 == w`` and ``w - w * 1 == 0``.
     """
 
-    def __init__(
-        self, parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], low_memory: bool = False
-    ) -> None:
+    def __init__(self, parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
         self.parameters = [parameters[name] for name in masks]
-        self.keep: list[torch.Tensor] = []
         self.masks: list[torch.Tensor] = []
         for name, mask in masks.items():
             parameter = parameters[name]
             if mask.device != parameter.device:
                 raise RuntimeError(f"mask for {name} is on {mask.device}, the parameter on {parameter.device}")
-            if low_memory:
-                self.masks.append(mask)
-            else:
-                self.keep.append((~mask).to(parameter.dtype).expand_as(parameter).contiguous())
+            self.masks.append(mask.to(torch.bool).view(torch.uint8).expand_as(parameter))
 
     @torch.no_grad()
     def __call__(self) -> None:
-        if self.masks:
-            for parameter, mask in zip(self.parameters, self.masks, strict=True):
-                parameter.masked_fill_(mask, 0)
-        elif self.parameters:
-            torch._foreach_mul_(self.parameters, self.keep)
+        if self.parameters:
+            torch._foreach_addcmul_(self.parameters, self.parameters, self.masks, value=-1)
 
 
 def apply_masks(parameters: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
