@@ -20,6 +20,7 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
 
 from lightning_eff.capabilities import CAPABILITIES, SHARDED_STRATEGIES, ChecksModel, ChecksWorldSize, check_strategy
@@ -40,6 +41,7 @@ from lightning_eff.report import (
 from lightning_eff.slurm import JobRequeued, check_slurm_launch, requeue_job, slurm_plugins
 from lightning_eff.strategies import EfficientDDPStrategy, EfficientModelParallelStrategy
 from lightning_eff.throughput import ThroughputMeter
+from lightning_eff.validation import check
 
 
 def build_logger(kind: str, run_dir: Path) -> Logger | bool:
@@ -51,6 +53,7 @@ def build_logger(kind: str, run_dir: Path) -> Logger | bool:
     return False
 
 
+SHARDED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")  # what ModelParallelStrategy accepts
 RESUME_HINT = "Its checkpoints are written atomically: run it again with resume=auto to continue."
 
 
@@ -114,6 +117,16 @@ def instantiate_group(cfg: DictConfig, group: str) -> Any:
         raise ConfigError(f"{group}._target_", cfg[group]._target_, f"could not be built: {message}") from None
 
 
+def check_shardable(settings: ValidatedConfig, model_target: str, model: L.LightningModule) -> None:
+    """FSDP2 needs a model that shards itself in `configure_model` and a precision ModelParallelStrategy takes;
+    refused here in one line rather than by a traceback from every rank."""
+    precision = str(settings.trainer.precision)
+    check(precision in SHARDED_PRECISIONS, "trainer.precision", precision,
+          f"must be one of {', '.join(SHARDED_PRECISIONS)} under FSDP2 (ModelParallelStrategy)")  # fmt: skip
+    check(is_overridden("configure_model", model), "model._target_", model_target,
+          "has no configure_model that calls fully_shard, which FSDP2 needs (e.g. model=tiny_gpt)")  # fmt: skip
+
+
 def build_strategy(
     strategy: str, strategy_kwargs: dict[str, Any]
 ) -> EfficientDDPStrategy | EfficientModelParallelStrategy:
@@ -138,6 +151,8 @@ def build_trainer(
     the number of processes (`ChecksWorldSize`) does so here, so a mismatch is reported before training starts.
     """
     trainer_kwargs = settings.trainer.trainer_kwargs()
+    if settings.trainer.strategy in SHARDED_STRATEGIES:
+        check_shardable(settings, cfg.model._target_, model)
     plugins, slurm_callbacks = slurm_plugins()
     plugins.append(AtomicCheckpointIO())  # a job killed mid-save leaves the previous checkpoint whole
     callbacks: list[L.Callback] = [ThroughputMeter()]

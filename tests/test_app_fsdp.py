@@ -111,3 +111,27 @@ def test_fsdp_cpu_cost_balanced_variable_length_batches(tmp_path: Path) -> None:
     assert report["run"]["summary"]["global_step"] == 8
     rows = report["balance"]["rows"]
     assert sum(row["batch_size"] for row in rows) == 64 and report["balance"]["summary"]["replans"] == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            [],  # the default model, the digits MLP, never calls fully_shard
+            "model._target_=lightning_eff.tasks.DigitsMLP: has no configure_model that calls fully_shard, which FSDP2 "
+            "needs (e.g. model=tiny_gpt)",
+        ),
+        (
+            ["model=tiny_gpt", "data=text", "trainer.precision=16-mixed"],
+            "trainer.precision=16-mixed: must be one of 32-true, bf16-mixed, bf16-true, 16-true under FSDP2 "
+            "(ModelParallelStrategy)",
+        ),
+    ],
+    ids=["unsharded-model", "16-mixed"],
+)
+def test_what_fsdp2_itself_cannot_run_is_refused_in_one_line(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    result = run_cli(["trainer=fsdp_cpu", *overrides, f"run_dir={tmp_path}/run"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"lightning-eff: error: {message}"]
