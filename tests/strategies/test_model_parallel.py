@@ -6,6 +6,7 @@ Every 2-process run trains the small GPT, which shards its blocks with `fully_sh
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lightning_eff.compression import BF16, Auto, Int8, PowerSGD, TopK
 from lightning_eff.compression.sharded import ShardedCommunication
 from lightning_eff.strategies import EfficientModelParallelStrategy
 from lightning_eff.validation import ConfigError
-from tests.strategies import fsdp_worker
+from tests.strategies import comm_worker, fsdp_worker
 from tests.workers import run_worker
 
 REFUSED = {
@@ -105,6 +106,23 @@ def test_bf16_reduction_sends_half_the_bytes_of_every_reduce_scatter(tmp_path: P
     assert bf16[0]["losses"][1:] != plain[0]["losses"][1:]  # the gradients really went in bf16
     assert bf16[0]["losses"][-1] == pytest.approx(plain[0]["losses"][-1], rel=0.01)
     assert plain[0]["compression"]["steps"] == 0
+
+
+def test_cast_reduce_scatter_averages_like_fsdp2_and_counts_half_the_bytes(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_worker(comm_worker, [str(tmp_path), str(port)], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    summed = [100.0 + 2 * i for i in range(8)]  # (i) + (i + 100): every value exact in fp16 and bf16
+    for name in ("fp16", "bf16", "dense"):
+        for rank, shard in enumerate(ranks):
+            # AVG is what FSDP2 asks for in float32: divided by the ranks before the cast, so the mean, not the sum
+            assert shard[f"{name}/avg"] == [value / 2 for value in summed[4 * rank : 4 * rank + 4]]
+            assert shard[f"{name}/sum"] == summed[4 * rank : 4 * rank + 4]
+    assert ranks[0]["fp16/bytes"] == ranks[0]["bf16/bytes"] == [64, 32]  # two calls of 8 float32, sent in 2 bytes
+    assert ranks[0]["dense/bytes"] == [64, 64]
 
 
 @pytest.mark.slow
