@@ -7,8 +7,9 @@ Both train the same model, global batch, steps and seed, with rank 1 slowed:
 
 - ``quota`` (default where a cgroup can be written, i.e. as root): rank 1's process in a cgroup with a ``cpu``
   quota of 50% of one core, as in `benchmarks/balancing.py`;
-- ``sleep``: rank 1 sleeps `SLEEP_PER_SAMPLE` seconds per sample in every training step (a slower device that
-  burns no CPU; use it on a shared machine where a quota cannot be made).
+- ``sleep``: rank 1 sleeps `SLEEP_PER_SAMPLE` seconds per sample in every training step, spread over the blocks'
+  forwards (a slower device that burns no CPU; use it on a shared machine where a quota cannot be made). FSDP2
+  synchronizes the ranks at every block, so the slowdown must be spread like a slower device's, not one stall.
 
 Step time is rank 0's span from `on_train_batch_start` to `on_train_batch_end`; the figure is the median over the
 steps after the balancer's first re-plans, and samples/s is the global batch over it. Each method runs `--rounds`
@@ -25,7 +26,6 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,12 +75,20 @@ class Job:
 
 
 class SleepyGPT(TinyGPT):
-    """The small GPT whose rank 1 sleeps `SLEEP_PER_SAMPLE` per sample of every training batch."""
+    """The small GPT whose rank 1 sleeps `SLEEP_PER_SAMPLE` per sample of every batch, spread over its blocks.
 
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    FSDP2 synchronizes the ranks at every block (its all-gather), so a slower device is slower in every block;
+    one sleep before the forward would be a stall that no split of the batch can hide.
+    """
+
+    def configure_model(self) -> None:
+        super().configure_model()
         if self.global_rank == 1:
-            time.sleep(SLEEP_PER_SAMPLE * len(batch[0]))
-        return super().training_step(batch, batch_idx)
+            for block in self.blocks:
+                block.register_forward_pre_hook(self._slow_down)
+
+    def _slow_down(self, block: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        time.sleep(SLEEP_PER_SAMPLE * args[0].shape[0] / len(self.blocks))
 
 
 def worker(job: Job) -> None:
