@@ -18,13 +18,16 @@ def in_frontier_sweep(cfg: DictConfig) -> bool:
 
 
 def frontier_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
-    """`FrontierTrial` for a frontier sweep's job (early stopping through the study, the exported bytes); else none."""
+    """`FrontierTrial` for a frontier sweep's job (early stopping through the study, the exported bytes); else none.
+
+    With ``frontier.early_stopping=false`` every trial runs to the end (the grid baseline of the benchmark).
+    """
     if not in_frontier_sweep(cfg):
         return []
     settings = cfg.frontier
     return [
         FrontierTrial(
-            current_trial(cfg),
+            current_trial(cfg) if settings.early_stopping else None,
             monitor=settings.monitor,
             direction=settings.monitor_direction,
             min_delta=settings.min_delta,

@@ -9,13 +9,9 @@ sweeper, the frontier report and `lightning-eff-frontier` all agree on what a tr
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-OBJECTIVES = ("quality", "model_bytes", "step_seconds")
-DIRECTIONS = ("minimize", "maximize")
 
 
 @dataclass(frozen=True)
@@ -52,12 +48,3 @@ def read_objectives(run_dir: Path, quality: str) -> Objectives:
     """The objectives of the run whose report is `run_dir/report.json`."""
     report = json.loads((run_dir / "report.json").read_text())
     return objectives_from_report(report, quality)
-
-
-def is_better(value: float, than: float, direction: str) -> bool:
-    """Whether `value` beats `than` under `direction` (NaN never does)."""
-    if math.isnan(value):
-        return False
-    if math.isnan(than):
-        return True
-    return value < than if direction == "minimize" else value > than
