@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from lightning_eff.report import (
     state_dict_bytes,
     write_report,
 )
+from lightning_eff.sharding import plain_class
 from lightning_eff.slurm import JobRequeued, check_slurm_launch, requeue_job, slurm_plugins
 from lightning_eff.strategies import EfficientDDPStrategy, EfficientModelParallelStrategy
 from lightning_eff.throughput import ThroughputMeter
@@ -101,7 +103,10 @@ def discard_consumed_requeue_checkpoints(trainer: L.Trainer, run_dir: Path) -> N
     """
     if trainer.is_global_zero:
         for path in run_dir.glob("hpc_ckpt_*.ckpt"):
-            path.unlink()
+            if path.is_dir():  # FSDP2's sharded checkpoints are directories
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     trainer.strategy.barrier("discard_consumed_requeue_checkpoints")
 
 
@@ -202,7 +207,8 @@ def run_section(
     return ReportSection(
         name="run",
         summary={
-            "model": type(model).__name__,
+            "model": plain_class(type(model)).__name__,  # not FSDP2's FSDP<Name> subclass
+            "strategy": type(trainer.strategy).__name__,
             **{key: float(value) for key, value in test_metrics.items()},
             **val_metrics,
             "parameters": parameter_count(model),

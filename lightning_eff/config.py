@@ -20,7 +20,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from lightning_eff.capabilities import CAPABILITIES, CAPABILITY_GROUPS
+from lightning_eff.capabilities import CAPABILITIES, CAPABILITY_GROUPS, check_strategy
 from lightning_eff.validation import ConfigError, check, check_choice, check_fraction, check_int
 
 LOGGERS = ("csv", "tensorboard", "none")
@@ -388,6 +388,5 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
         check(trainer.world_size() != 1, f"{name}._target_", target,
               f"{capability.across_ranks} between processes, but this trainer runs one; use trainer=ddp_cpu or "
               "trainer=ddp with trainer.devices >= 2")  # fmt: skip
-        check(trainer.strategy in ("ddp", "auto"), "trainer.strategy", trainer.strategy,
-              f"must be ddp (or auto) when a {name} group is chosen")  # fmt: skip
+        check_strategy(name, trainer.strategy)
     return ValidatedConfig(run=run, trainer=trainer, groups=groups)

@@ -44,7 +44,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _plain_class(cls: type[nn.Module]) -> type[nn.Module]:
+def plain_class(cls: type[nn.Module]) -> type[nn.Module]:
     """The user's class under FSDP2's dynamic ``FSDP<Name>`` subclass."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -62,7 +62,7 @@ def _is_fsdp_hook(hook: Any) -> bool:
 def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
-    cls = _plain_class(type(module))
+    cls = plain_class(type(module))
     copied: nn.Module = cls.__new__(cls)
     memo[id(module)] = copied
     # __getstate__, as pickling and deepcopy do: a LightningModule drops its trainer there.

@@ -36,7 +36,8 @@ def test_fsdp_cpu_trains_the_sharded_gpt_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_report(run_dir)["run"]["summary"]
     assert summary["world_size"] == 2 and summary["global_step"] == 8
-    assert summary["model"] == "FSDPTinyGPT"  # fully_shard ran in configure_model: the class FSDP2 makes
+    assert summary["model"] == "TinyGPT"  # the user's class, not the FSDPTinyGPT subclass fully_shard makes
+    assert summary["strategy"] == "EfficientModelParallelStrategy"
     assert summary["test_loss"] < 5.6  # below the 5.55 of uniform bytes plus a margin: it learned something
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # a sharded checkpoint
@@ -98,7 +99,7 @@ def test_fsdp_trains_the_sharded_gpt_on_a_gpu_in_bf16_mixed(tmp_path: Path) -> N
     result = run_cli(["trainer=fsdp", "trainer.devices=1", *TINY_GPT, f"run_dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_report(run_dir)["run"]["summary"]
-    assert summary["model"] == "FSDPTinyGPT" and summary["global_step"] == 8 and summary["test_loss"] < 5.6
+    assert summary["strategy"] == "EfficientModelParallelStrategy" and summary["global_step"] == 8 and summary["test_loss"] < 5.6
 
 
 @pytest.mark.slow
