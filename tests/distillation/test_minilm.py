@@ -93,7 +93,6 @@ def test_experiment_prunes_quantizes_and_stays_close_to_the_original(tmp_path: P
             "trainer.max_steps=8",
             "pruning.end_step=4",
             "pruning.update_every=2",
-            "model.warmup_steps=1",
             "data.max_sentences=240",
             "data.batch_size=16",
             "trainer.limit_val_batches=1",
