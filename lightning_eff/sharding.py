@@ -39,6 +39,20 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(parameter, DTensor) for parameter in module.parameters())
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 unit of `module` back in its sharded state.
+
+    After a forward without backward (Lightning's model summary runs one), FSDP2 leaves the root unit gathered:
+    its parameters are plain tensors until the next backward. Code that holds on to parameters (the optimizer
+    does; so does pruning) must see the sharded DTensors, which are the ones that persist.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a DTensor: every rank must call it in the same order)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

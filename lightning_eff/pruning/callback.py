@@ -34,7 +34,7 @@ from lightning_eff.pruning.sharded_select import ShardedSelector
 from lightning_eff.pruning.structured_shrink import LayerShrink, ShrinkError
 from lightning_eff.pruning.targets import PruningTarget, check_no_opt_in_layer, select
 from lightning_eff.report import ReportSection
-from lightning_eff.sharding import local_shard
+from lightning_eff.sharding import local_shard, reshard
 from lightning_eff.validation import (
     ConfigError,
     check,
@@ -270,6 +270,7 @@ class GradualPruning(L.Callback):
 
     def _target_parameters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         """The targeted parameters; also sets the local shards and the shard group (FSDP2 after configure_model)."""
+        reshard(pl_module)  # FSDP2: after the model summary's forward the root unit's weights are still gathered
         # remove_duplicate=False: a tied weight's canonical name may be one that named_parameters() would drop
         parameters: dict[str, torch.Tensor] = dict(pl_module.named_parameters(remove_duplicate=False))
         if self.granularity != "channels":

@@ -17,6 +17,7 @@ from lightning_eff.compression import Compressor
 from lightning_eff.compression.communication import resolve_compressor
 from lightning_eff.compression.sharded import ShardedCommunication, fsdp_modules
 from lightning_eff.distributed import destroy_process_group_at_exit
+from lightning_eff.sharding import reshard
 from lightning_eff.strategies.hooks import EfficientStrategyHooks, resolve_balancer
 from lightning_eff.validation import ConfigError, check
 
@@ -104,6 +105,15 @@ class EfficientModelParallelStrategy(EfficientStrategyHooks, ModelParallelStrate
                 )
             reduce_scatter = self.communication.reduce_scatter if self.communication is not None else None
             time_sharded_collectives(modules, self.balancing.timer, reduce_scatter)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning's model summary runs a forward in on_fit_start, before a resumed run loads its checkpoint; FSDP2
+        # leaves the root unit gathered after a forward without backward, and loading a sharded state dict into
+        # its plain tensors fails (mixed Tensor and DTensor). Resharding first makes resume work with the summary.
+        if self.model is not None:
+            reshard(self.model)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     @override
     def timed_parameters(self) -> Iterable[torch.Tensor]:

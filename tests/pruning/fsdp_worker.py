@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
-from lightning_eff import GradualPruning, QuantizationAwareTraining
+from lightning_eff import EfficientModelParallelStrategy, GradualPruning, QuantizationAwareTraining
 from lightning_eff.checkpoints import checkpoint_problem
 from lightning_eff.pruning.masks import compute_masks
 from lightning_eff.pruning.report import pruning_section
@@ -31,11 +31,17 @@ from lightning_eff.tasks.text import TextDataModule
 from lightning_eff.validation import ConfigError
 from tests.zoo.models import ZooBatches, ZooTask
 
+# The model summary stays on: its forward leaves FSDP2's root unit gathered, which the callback must undo.
 QUIET: dict[str, Any] = {"accelerator": "cpu", "devices": 2, "logger": False, "enable_progress_bar": False,
-                         "enable_model_summary": False, "limit_val_batches": 0}  # fmt: skip
+                         "limit_val_batches": 0}  # fmt: skip
 
 
 def fsdp() -> ModelParallelStrategy:
+    """Ours: Lightning's own cannot resume after the model summary's forward (see its load_checkpoint)."""
+    return EfficientModelParallelStrategy()
+
+
+def lightning_fsdp() -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
 
@@ -117,7 +123,7 @@ def run(out: Path) -> None:
 
     # 1. global unstructured on the small GPT under FSDP2, checkpoints every 2 steps
     callback = GradualPruning(target_sparsity=0.5, update_every=2, end_step=4)
-    model, _ = fit(callback, fsdp(), 6, root / "fsdp")
+    model, _ = fit(callback, lightning_fsdp(), 6, root / "fsdp")
     selector_checks(lines)  # now that the first fit made the process group
     names = list(callback.masks)
     local_is_shard = all(callback.masks[n].shape == callback._local[n].shape != callback._parameters[n].shape
