@@ -100,6 +100,10 @@ class FrontierTrial(L.Callback):
                 atomic_write_text(self.run_dir / STOPPED_NAME, json.dumps(record) + "\n")
         stopped_by = trainer.strategy.broadcast(stopped_by, src=0)
         if stopped_by is not None:
+            if not trainer.is_global_zero:
+                # This rank's process exists for this trial only: it ends quietly, since a failed rank makes
+                # Lightning's launcher on rank 0 kill that process, which may be the sweep's. Rank 0 tells the sweeper.
+                raise SystemExit(0)
             import optuna
 
             message = (
