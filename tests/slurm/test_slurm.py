@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
 from tests.conftest import REPO
 
@@ -52,10 +53,9 @@ def _wait_for_state(job: str, states: set[str], env: dict[str, str], cwd: Path, 
     raise AssertionError(f"job {job} did not reach {states} in {timeout}s (last state {state})")
 
 
-def _sbatch(args: list[str], env: dict[str, str], cwd: Path, run_dir: Path) -> str:
-    submitted = _run(
-        ["sbatch", "--parsable", "--nodes=1", f"--export=ALL,RUN_DIR={run_dir}", str(SBATCH), *args], env, cwd
-    )
+def _sbatch(args: list[str], env: dict[str, str], cwd: Path, run_dir: Path, trainer: str = "ddp_cpu") -> str:
+    exports = f"--export=ALL,RUN_DIR={run_dir},TRAINER={trainer}"
+    submitted = _run(["sbatch", "--parsable", "--nodes=1", exports, str(SBATCH), *args], env, cwd)
     assert submitted.returncode == 0, submitted.stderr
     return submitted.stdout.strip().split(";")[0]
 
@@ -96,19 +96,25 @@ def test_task_layout_mismatch_is_refused_with_one_line(slurm_env: dict[str, str]
 
 
 def _final_masks(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_dir():  # FSDP2: a sharded checkpoint, consolidated here
+        state = _load_distributed_checkpoint(last)["state_dict"]
+    else:
+        state = torch.load(last, weights_only=False)["state_dict"]
     return {name: tensor == 0 for name, tensor in state.items() if name.endswith("weight") and tensor.dim() == 2}
 
 
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
 def test_requeued_job_resumes_every_plugin_and_matches_an_uninterrupted_run(
-    slurm_env: dict[str, str], tmp_path: Path
+    slurm_env: dict[str, str], tmp_path: Path, trainer: str
 ) -> None:
+    """DDP, and FSDP2 (sharded checkpoints: the model's and optimizer's shards, and GradualPruning's mask shards)."""
     uninterrupted = tmp_path / "uninterrupted"
-    reference = _sbatch(PRUNED_GPT, slurm_env, tmp_path, uninterrupted)
+    reference = _sbatch(PRUNED_GPT, slurm_env, tmp_path, uninterrupted, trainer)
     assert _wait_for_state(reference, {"COMPLETED", "FAILED"}, slurm_env, tmp_path, 400) == "COMPLETED"
 
     requeued = tmp_path / "requeued"
-    job = _sbatch(PRUNED_GPT, slurm_env, tmp_path, requeued)
+    job = _sbatch(PRUNED_GPT, slurm_env, tmp_path, requeued, trainer)
     deadline = time.monotonic() + 300
     while not (requeued / "metrics.csv").is_file() or len((requeued / "metrics.csv").read_text().splitlines()) < 3:
         assert time.monotonic() < deadline, "training never started"
