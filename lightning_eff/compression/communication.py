@@ -42,6 +42,8 @@ class CompressedCommunication:
         self.hook: CompressionHook | None = None
         self._restored_state: dict[str, Any] | None = None  # loaded before the hook exists
         self._logged_step = -1
+        self._warmup_checked = False
+        self._start_logged = False
 
     @property
     def registered(self) -> bool:
@@ -80,12 +82,35 @@ class CompressedCommunication:
         else:
             self._restored_state = states[rank]
 
+    def check_warmup(self, planned_steps: float) -> None:
+        """Warn when the compressor's dense warm-up covers every step this run plans (it would never compress).
+
+        The warm-up stays absolute (PowerSGD's ``start_step``, 100 by default, as torch's hook): a step count
+        relative to the run would change what a resumed or extended run does. Torch suggests about 10% of the
+        run's steps; the warning says so with this run's numbers.
+        """
+        start = self.compressor.compress_from
+        if 0 < planned_steps < float("inf") and start >= planned_steps:
+            rank_zero_warn(
+                f"compression: {self.compressor!r} sends every step dense until step {start}, but this run plans "
+                f"{int(planned_steps)} optimizer steps, so it will never compress; lower start_step (e.g. "
+                f"{max(2, int(planned_steps) // 10)}, 10% of the run, as torch suggests) or train longer"
+            )
+
     def log_metrics(self, trainer: L.Trainer) -> None:
-        """The last step's bytes and seconds as `compression/*`, every `log_every_n_steps` (global rank 0)."""
+        """The last step's bytes and seconds as `compression/*`, every `log_every_n_steps` (global rank 0), and
+        once, ``compression/started_at_step``: the first step that sent fewer bytes than dense."""
         step = trainer.global_step
         every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning at init, not declared
+        if not self._warmup_checked:
+            self._warmup_checked = True
+            self.check_warmup(trainer.estimated_stepping_batches)
         if not self.registered or not trainer.is_global_zero:
             return
+        if self.stats.first_compressed_step is not None and not self._start_logged:
+            self._start_logged = True
+            for logger in trainer.loggers:
+                logger.log_metrics({"compression/started_at_step": float(self.stats.first_compressed_step)}, step=step)
         if step == self._logged_step or step % every or self.stats.steps == 0:
             return
         self._logged_step = step
@@ -108,6 +133,7 @@ class CompressedCommunication:
         summary: dict[str, Any] = {
             "compressor": repr(self.compressor),
             "synchronizing_steps": self.stats.steps,
+            "compressed_from_step": self.stats.first_compressed_step,  # None: every step went dense
             "bytes_dense_per_step": total.bytes_dense / steps,
             "bytes_sent_per_step": total.bytes_sent / steps,
             "compression_ratio": total.ratio,

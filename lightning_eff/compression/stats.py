@@ -54,6 +54,7 @@ class CompressionStats:
     """
 
     steps: int = 0
+    first_compressed_step: int | None = None  # the first synchronizing step that sent fewer bytes than dense
     last_step: Traffic = field(default_factory=Traffic)
     total: Traffic = field(default_factory=Traffic)
     current: Traffic = field(default_factory=Traffic, repr=False)
@@ -65,6 +66,8 @@ class CompressionStats:
     def end_step(self) -> None:
         """Close the step in progress (called after the last bucket of a synchronizing backward)."""
         self.last_step = self.current
+        if self.first_compressed_step is None and self.current.bytes_sent < self.current.bytes_dense:
+            self.first_compressed_step = self.steps
         self.total.add(self.current)
         self.current = Traffic()
         self.steps += 1
@@ -76,10 +79,12 @@ class CompressionStats:
         return {"steps": float(self.steps), **step, **total}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "last_step": asdict(self.last_step), "total": asdict(self.total)}
+        return {"steps": self.steps, "last_step": asdict(self.last_step), "total": asdict(self.total),
+                "first_compressed_step": self.first_compressed_step}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.last_step = Traffic(**state["last_step"])
         self.total = Traffic(**state["total"])
+        self.first_compressed_step = state.get("first_compressed_step")  # absent in older checkpoints
         self.current = Traffic()

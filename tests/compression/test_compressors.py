@@ -250,3 +250,14 @@ def test_registry_names_every_compressor() -> None:
     assert set(COMPRESSORS) == {"dense", "fp16", "bf16", "powersgd", "topk", "int8", "auto"}
     assert all(cls.name == name for name, cls in COMPRESSORS.items())
     assert isinstance(COMPRESSORS["dense"](), Dense)
+
+
+def test_stats_remember_the_first_compressed_step_across_a_checkpoint() -> None:
+    stats = CompressionStats()
+    for sent in (8, 8, 2, 8):  # dense warm-up, then compressed, then a dense (e.g. non-finite) step
+        stats.record_bucket(Traffic(bytes_dense=8, bytes_sent=sent))
+        stats.end_step()
+    assert stats.first_compressed_step == 2
+    restored = CompressionStats()
+    restored.load_state_dict(stats.state_dict())
+    assert restored.first_compressed_step == 2 and restored.steps == 4

@@ -113,9 +113,26 @@ def test_app_compression_run_logs_and_reports_bytes(tmp_path: Path) -> None:
     section = read_report(run_dir)["communication"]["summary"]
     assert section["synchronizing_steps"] == 20 and 0 < section["compression_ratio"] < 0.5
     assert section["bytes_sent_per_step"] < section["bytes_dense_per_step"]
+    assert section["compressed_from_step"] == 5  # start_step: steps 0-4 went dense
     with (run_dir / "metrics.csv").open() as handle:
-        logged = [float(row["compression/ratio"]) for row in csv.DictReader(handle) if row.get("compression/ratio")]
+        rows = list(csv.DictReader(handle))
+    logged = [float(row["compression/ratio"]) for row in rows if row.get("compression/ratio")]
     assert logged and all(0 < ratio <= 1 for ratio in logged) and min(logged) < 0.5
+    assert [float(row["compression/started_at_step"]) for row in rows if row.get("compression/started_at_step")] == [5]
+    assert "will never compress" not in result.stderr
+
+
+@pytest.mark.slow
+def test_app_warns_when_the_warm_up_covers_the_whole_run(tmp_path: Path) -> None:
+    """PowerSGD's default start_step=100 on a 20-step run: said at the start, and the report says it never did."""
+    run_dir = tmp_path / "run"
+    result = run_cli(["trainer=ddp_cpu", "compression=powersgd", "trainer.max_epochs=2", f"run_dir={run_dir}"],
+                     cwd=tmp_path, env={"PYTHONWARNINGS": "default"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = "until step 100, but this run plans 20 optimizer steps, so it will never compress; lower start_step"
+    assert " ".join(result.stderr.split()).count(warning) == 1  # once, from rank 0
+    section = read_report(run_dir)["communication"]["summary"]
+    assert section["compressed_from_step"] is None and section["compression_ratio"] == 1.0
 
 
 def test_app_refuses_compression_with_one_process(tmp_path: Path) -> None:
