@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -91,11 +91,27 @@ def _groups(sizes: Mapping[str, int], fraction: float, scope: str) -> Groups:
     return [([name], round(fraction * size)) for name, size in sizes.items()]
 
 
+class Magnitudes(Mapping[str, torch.Tensor]):
+    """|w| of each weight, computed when read: ranking never holds a float copy of every weight at once."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return magnitude(self.weights[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
 def unstructured_masks(
     weights: Mapping[str, torch.Tensor], sparsity: float, scope: str, selector: Selector = LOCAL
 ) -> Masks:
     """Zero the smallest-magnitude weights, one threshold for all tensors (global) or per tensor (layer)."""
-    return _by_scope({name: magnitude(weight) for name, weight in weights.items()}, sparsity, scope, selector)
+    return _by_scope(Magnitudes(weights), sparsity, scope, selector)
 
 
 def channel_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str) -> Masks:

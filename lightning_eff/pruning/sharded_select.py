@@ -41,16 +41,18 @@ class ShardedSelector(Selector):
         return dict(zip(masks, counts.tolist(), strict=True))
 
     def lowest(self, scores: Mapping[str, torch.Tensor], groups: Groups) -> dict[str, torch.Tensor]:
-        bits = {name: _bits(score) for name, score in scores.items()}
-        threshold, still_needed = self._radix_select(bits, groups)
-        chosen = {name: torch.zeros_like(pattern, dtype=torch.bool) for name, pattern in bits.items()}
+        # Scores are read one tensor at a time, as often as needed (`masks.Magnitudes` computes them on read), so
+        # the selection's memory is one tensor's scores, not a float copy of every shard.
+        threshold, still_needed = self._radix_select(scores, groups)
+        chosen = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in _shapes(scores).items()}
         ties = torch.zeros(len(groups), dtype=torch.int64)
         for g, (names, count) in enumerate(groups):
             if count <= 0:
                 continue
             for name in names:
-                chosen[name] = bits[name] < threshold[g]
-                ties[g] += int((bits[name] == threshold[g]).sum())
+                bits = _bits(scores[name])
+                chosen[name] = (bits < threshold[g]).reshape(chosen[name].shape)
+                ties[g] += int((bits == threshold[g]).sum())
         # Of the scores equal to the threshold, the lower ranks' go first, then in tensor and element order.
         world = dist.get_world_size(self.group)
         every_rank = [torch.zeros_like(ties) for _ in range(world)]
@@ -63,12 +65,12 @@ class ShardedSelector(Selector):
             for name in names:
                 if left <= 0:
                     break
-                equal = (bits[name] == threshold[g]).nonzero().reshape(-1)[:left]
-                chosen[name][equal] = True
+                equal = (_bits(scores[name]) == threshold[g]).nonzero().reshape(-1)[:left]
+                chosen[name].view(-1)[equal] = True
                 left -= len(equal)
-        return {name: mask.reshape(scores[name].shape) for name, mask in chosen.items()}
+        return chosen
 
-    def _radix_select(self, bits: Mapping[str, torch.Tensor], groups: Groups) -> tuple[list[int], torch.Tensor]:
+    def _radix_select(self, scores: Mapping[str, torch.Tensor], groups: Groups) -> tuple[list[int], torch.Tensor]:
         """Per group, the bit pattern of its k-th smallest score and how many scores equal to it are still needed."""
         prefix = [0] * len(groups)
         needed = torch.tensor([count for _, count in groups], dtype=torch.int64)
@@ -76,7 +78,7 @@ class ShardedSelector(Selector):
             histogram = torch.zeros(len(groups), 256, dtype=torch.int64)
             for g, (names, _) in enumerate(groups):
                 for name in names:
-                    pattern = bits[name]
+                    pattern = _bits(scores[name])
                     if shift < 24:  # only the scores whose higher bytes match the threshold's so far
                         pattern = pattern[(pattern >> (shift + 8)) == (prefix[g] >> (shift + 8))]
                     histogram[g] += torch.bincount(((pattern >> shift) & 255).long(), minlength=256)
@@ -95,6 +97,12 @@ class ShardedSelector(Selector):
 
 
 def _bits(score: torch.Tensor) -> torch.Tensor:
-    """Flat int32 bit patterns of non-negative float32 scores, ordered like the scores (+inf and NaN last)."""
-    flat = score.detach().float().reshape(-1).contiguous().abs()
-    return flat.view(torch.int32)
+    """Flat int32 bit patterns of float32 scores, ordered like the scores (+inf and NaN last); a view, not a copy,
+    of a contiguous float32 tensor. Scores are magnitudes or sums of them: non-negative, and never -0.0 (whose
+    bit pattern is negative), since ``abs`` returns +0.0."""
+    return score.detach().float().reshape(-1).contiguous().view(torch.int32)
+
+
+def _shapes(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+    """Each score tensor's shape, reading one at a time."""
+    return {name: scores[name].shape for name in scores}
