@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.utils.data import DataLoader
 
+from lightning_eff import KnowledgeDistillation
 from lightning_eff.distillation import PROJECTIONS
 from tests.distillation import fsdp_worker
 from tests.workers import run_worker
@@ -90,3 +95,16 @@ def test_a_sharded_teacher_is_refused(ranks: tuple[list[dict[str, Any]], Path]) 
         assert "teacher=FSDPTinyGPT: is sharded (DTensor parameters): pass an unsharded teacher" in (
             result.get("sharded_teacher_error") or ""
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy (FSDP1) needs a CUDA device")
+def test_distillation_under_fsdp1_trains_with_the_teacher_outside(tmp_path: Path) -> None:
+    """FSDP1 wraps the student; the teacher stays outside it, whole: the distillation term is added and logged."""
+    L.seed_everything(0, verbose=False)
+    distill = KnowledgeDistillation(fsdp_worker.teacher(), loss="kl", weight=1.0)
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=FSDPStrategy(), max_steps=3, callbacks=[distill],
+                        logger=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(fsdp_worker.student(), DataLoader(fsdp_worker.RankBatches(), batch_size=None))
+    assert trainer.global_step == 3
+    assert math.isfinite(float(trainer.callback_metrics["distillation/loss"]))
