@@ -129,7 +129,9 @@ def run_model(model: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     search = build_frontier(workdir / model / "search", quality, direction)
 
     progress(f"{model}: grid, stopped after {search_seconds:.0f}s")
-    grid_overrides = [*common, *space, "hydra/sweeper=frontier_grid", "frontier.early_stopping=false"]
+    # every grid point if the budget allows (GridSampler caps n_trials at the grid's size)
+    grid_overrides = [*common, *space, "hydra/sweeper=frontier_grid", "frontier.early_stopping=false",
+                      "hydra.sweeper.n_trials=100000"]  # fmt: skip
     _, grid_finished = sweep(workdir / model / "grid", grid_overrides, budget_seconds=search_seconds)
     grid = build_frontier(workdir / model / "grid", quality, direction)
 
