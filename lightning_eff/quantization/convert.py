@@ -301,6 +301,11 @@ class QuantizedConv(nn.Module):
         self._float_weight = self._packed = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The caches are rebuilt on first use; oneDNN's packed weight is an opaque tensor that neither
+        # copy.deepcopy nor pickling can read (the report deep-copies the converted model to time it).
+        return {**super().__getstate__(), "_float_weight": None, "_packed": None}
+
     def float_weight(self) -> Tensor:
         """integers x scales in float32, the conv weight: cached in eager mode, recomputed inside export."""
         shape = (-1, *([1] * (self.qweight.dim() - 1)))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +154,18 @@ def test_dynamic_schemes_convolve_in_onednn_int8_and_equal_the_dequantized_compu
     program = torch.export.export(converted, (x,))  # inside export: the dequantized fp32 path
     with torch.no_grad():
         assert torch.allclose(program.module()(x), got, rtol=1e-4, atol=1e-4)
+
+
+def test_a_converted_conv_that_has_run_deep_copies_and_pickles() -> None:
+    """oneDNN's packed weight is opaque: copies drop the cache and rebuild it (the report deep-copies to time)."""
+    model, x = conv_bn(), torch.randn(2, 3, 12, 12)
+    swap_in_fake_quantized(model, ["0", "3"], SCHEMES["int8_dynamic"], 32)
+    converted = convert(model)
+    with torch.no_grad():
+        expected = converted(x)
+    assert converted[0]._packed is not None
+    copied = copy.deepcopy(converted)
+    unpickled = pickle.loads(pickle.dumps(converted))
+    assert copied[0]._packed is None and unpickled[0]._packed is None
+    with torch.no_grad():
+        assert torch.equal(copied(x), expected) and torch.equal(unpickled(x), expected)
