@@ -19,7 +19,6 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
@@ -28,8 +27,11 @@ from lightning_eff.capabilities import CAPABILITIES, SHARDED_STRATEGIES, ChecksM
 from lightning_eff.checkpoints import AtomicCheckpointIO, newest_whole_checkpoint
 from lightning_eff.config import ConfigError, ValidatedConfig, validate
 from lightning_eff.distributed import dead_ranks, destroy_process_group_at_exit
+from lightning_eff.frontier import frontier_callbacks, objectives_for_sweep
+from lightning_eff.frontier.ranks import end_sweep_job, rank_argv, remember_sweep_job
 from lightning_eff.hydra_config import config_dir
 from lightning_eff.launch_checks import check_before_launch
+from lightning_eff.loggers import build_logger
 from lightning_eff.progress import EpochProgressLog
 from lightning_eff.report import (
     ReportSection,
@@ -44,16 +46,6 @@ from lightning_eff.slurm import JobRequeued, check_slurm_launch, requeue_job, sl
 from lightning_eff.strategies import EfficientDDPStrategy, EfficientModelParallelStrategy
 from lightning_eff.throughput import ThroughputMeter
 from lightning_eff.validation import check
-
-
-def build_logger(kind: str, run_dir: Path) -> Logger | bool:
-    """CSV (`run_dir/metrics.csv`) or TensorBoard (`run_dir/tensorboard/`) logging, or none."""
-    if kind == "csv":
-        return CSVLogger(save_dir=run_dir, name="", version="")
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
-    return False
-
 
 SHARDED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")  # what ModelParallelStrategy accepts
 RESUME_HINT = "Its checkpoints are written atomically: run it again with resume=auto to continue."
@@ -119,6 +111,8 @@ def instantiate_group(cfg: DictConfig, group: str) -> Any:
         if isinstance(cause, ConfigError):
             raise cause.under(group) from None
         message = str(cause).strip().splitlines()[-1]
+        if "unexpected keyword argument" in message:  # the default member's keys reached the user's own class
+            message += f"; for your own class start from {group}=custom, which has no keys of its own"
         raise ConfigError(f"{group}._target_", cfg[group]._target_, f"could not be built: {message}") from None
 
 
@@ -184,6 +178,7 @@ def build_trainer(
             callbacks.append(plugin)
     if strategy_kwargs:
         trainer_kwargs["strategy"] = build_strategy(settings.trainer.strategy, strategy_kwargs)
+    callbacks += frontier_callbacks(cfg, run_dir)  # a frontier sweep's job: early stopping, exported bytes
     callbacks += slurm_callbacks  # last: its requeue checkpoint sees every plugin's state after the step
     trainer = L.Trainer(
         default_root_dir=run_dir,
@@ -266,9 +261,13 @@ def train(cfg: DictConfig, run_dir: Path) -> list[ReportSection] | None:
     return sections
 
 
-def run(cfg: DictConfig) -> None:
-    """Hydra's task function: one clear line and exit status 2 for a bad config, no traceback."""
+def run(cfg: DictConfig) -> list[float] | None:
+    """Hydra's task function: one clear line and exit status 2 for a bad config, no traceback.
+
+    In a frontier sweep (`hydra/sweeper=frontier`) it returns the trial's objectives to the Optuna sweeper.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    remember_sweep_job()  # the ranks Lightning starts run this job, not the sweep again
     destroy_process_group_at_exit()  # plain DDP too: a gloo run must not abort after it finished
     try:
         train(cfg, run_dir)
@@ -278,10 +277,14 @@ def run(cfg: DictConfig) -> None:
     except RankDied as error:
         print(f"lightning-eff: error: {error}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        end_sweep_job()  # the sweep's next job in this process starts its own ranks
+    return objectives_for_sweep(cfg, run_dir)
 
 
 def main() -> None:
     """Entry point of the `lightning-eff` console script."""
+    sys.argv = rank_argv(sys.argv)  # a rank Lightning started inside a sweep's job runs that job
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(run)()
 
 

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lightning_eff.capabilities import CAPABILITIES, CAPABILITY_GROUPS, check_strategy
+from lightning_eff.loggers import LOGGERS, check_logger_installed
 from lightning_eff.validation import ConfigError, check, check_choice, check_fraction, check_int
 
-LOGGERS = ("csv", "tensorboard", "none")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -44,6 +44,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_int("seed", self.seed, 0)
         check_choice("logger", self.logger, LOGGERS)
+        check_logger_installed(self.logger)
         if self.resume not in (None, "auto"):
             check(
                 Path(self.resume).is_file(),

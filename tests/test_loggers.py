@@ -22,7 +22,6 @@ PRUNED_RUN = [
 ]
 
 
-@pytest.mark.skip(reason="needs the cli patch (.frontier_cli.patch)")
 def test_mlflow_file_store_gets_the_pruning_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the app allows its file store itself
@@ -64,7 +63,6 @@ def wandb_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.mark.skip(reason="needs the cli patch (.frontier_cli.patch)")
 def test_wandb_offline_run_gets_the_pruning_metrics(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
     result = run_cli(["logger=wandb", *PRUNED_RUN, f"hydra.run.dir={tmp_path}"], cwd=tmp_path,

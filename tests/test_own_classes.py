@@ -30,7 +30,6 @@ def test_readme_example_trains_the_users_classes_with_their_own_arguments_and_a_
     assert report["pruning"]["summary"]["achieved_sparsity"] == pytest.approx(0.5)
 
 
-@pytest.mark.skip(reason="needs the cli patch (.frontier_cli.patch)")
 def test_a_default_members_keys_passed_to_the_users_class_name_the_custom_member(tmp_path: Path) -> None:
     result = run_cli(["model._target_=my_pkg.MyModule", "data._target_=my_pkg.MyData"], cwd=tmp_path, env=ON_PATH)
     assert result.returncode == 2

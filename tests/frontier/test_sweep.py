@@ -41,7 +41,6 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Co
     return sweep_dir, result
 
 
-@pytest.mark.skip(reason="needs the cli patch (.frontier_cli.patch)")
 def test_objectives_reach_the_study_and_a_dominated_trial_stops(
     sweep: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
@@ -65,7 +64,6 @@ def test_objectives_reach_the_study_and_a_dominated_trial_stops(
     assert sorted(trials[2].intermediate_values) == [3]  # stopped at its first validation
 
 
-@pytest.mark.skip(reason="needs the cli patch (.frontier_cli.patch)")
 def test_frontier_report_lists_the_front_with_commands_that_reproduce_it(
     sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
@@ -84,7 +82,6 @@ def test_frontier_report_lists_the_front_with_commands_that_reproduce_it(
     assert read_report(tmp_path)["run"]["summary"]["test_loss"] == pytest.approx(best["objectives"]["quality"])
 
 
-@pytest.mark.skip(reason="needs the cli patch (.frontier_cli.patch)")
 def test_lightning_eff_frontier_prints_the_report_again(sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
     sweep_dir, first = sweep
     again = subprocess.run([sys.executable, "-m", "lightning_eff.frontier", str(sweep_dir)],
@@ -104,7 +101,6 @@ def test_lightning_eff_frontier_refuses_a_directory_without_jobs(tmp_path: Path)
     )
 
 
-@pytest.mark.skip(reason="needs the cli patch (.frontier_cli.patch)")
 def test_two_process_trials_each_run_their_own_job_and_stop_together(tmp_path: Path) -> None:
     # Lightning starts rank 1 by running the command line again, which inside a sweep is the whole sweep: each
     # rank must run its job (no extra trials in the study), the next job must start its own ranks again, and a
