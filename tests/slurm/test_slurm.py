@@ -15,7 +15,8 @@ from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SBATCH = REPO / "examples" / "slurm" / "train.sbatch"
-# The small GPT with pruning and QAT: long enough (about a minute on 2 cores) to be signalled mid-training.
+# The small GPT with pruning, QAT and distillation from its initial self: long enough (about a minute on 2 cores)
+# to be signalled mid-training.
 PRUNED_GPT = [
     "experiment=text_gpt",
     "trainer.max_steps=160",
@@ -27,6 +28,7 @@ PRUNED_GPT = [
     "pruning.update_every=10",
     "quantization=int8_dynamic_act_int4_weight",
     "quantization.start_step=80",
+    "distillation=initial_kl",
 ]
 
 
@@ -136,6 +138,9 @@ def test_requeued_job_resumes_every_plugin_and_matches_an_uninterrupted_run(
     for mine, reference_row in zip(ours["quantization"]["rows"], theirs["quantization"]["rows"], strict=True):
         assert mine["metric"] == reference_row["metric"]
         assert mine["converted"] == pytest.approx(reference_row["converted"], abs=1e-5)
+    distilled, reference = ours["distillation"]["summary"], theirs["distillation"]["summary"]
+    assert distilled["final_distillation_loss"] == pytest.approx(reference["final_distillation_loss"], abs=1e-5)
+    assert distilled["test_agreement"] == pytest.approx(reference["test_agreement"], abs=1e-6)
     masks, reference_masks = _final_masks(requeued), _final_masks(uninterrupted)
     assert masks.keys() == reference_masks.keys()
     assert all(torch.equal(masks[name], reference_masks[name]) for name in masks)
