@@ -24,10 +24,6 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
                "_load_state_dict_post_hooks")  # fmt: skip
 
 
-def is_dtensor(tensor: Any) -> bool:
-    return isinstance(tensor, DTensor)
-
-
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """The part of `tensor` this rank holds (sharing its storage: editing it edits the parameter), detached from
     autograd like ``parameter.data``; a plain tensor as is."""
@@ -35,8 +31,16 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether any parameter of `module` is a DTensor (FSDP2's `fully_shard`, or tensor parallelism)."""
-    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+    """Whether `module` is under FSDP2's `fully_shard` (or tensor parallelism), which forbids deepcopy.
+
+    By the modules as well as the parameters: after a forward without backward FSDP2 leaves the root unit's
+    parameters gathered, plain tensors, until the next backward.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters()) or any(
+        isinstance(unit, FSDPModule) for unit in module.modules()
+    )
 
 
 def reshard(module: nn.Module) -> None:

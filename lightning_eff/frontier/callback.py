@@ -16,8 +16,9 @@ from lightning_eff.frontier.stopping import Progress, dominating_trial
 from lightning_eff.frontier.trial import TrialHandle
 from lightning_eff.pruning.sparse_format import packed_state_bytes, save_sparse
 from lightning_eff.quantization import QuantizationAwareTraining
-from lightning_eff.quantization.convert import convert, is_fsdp2
+from lightning_eff.quantization.convert import convert
 from lightning_eff.report import ReportSection
+from lightning_eff.sharding import is_sharded
 
 EXPORT_NAME = "model.sparse.pt"
 STOPPED_NAME = "frontier_stopped.json"
@@ -32,7 +33,7 @@ def export_state(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, 
     qat = next((c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining)), None)  # type: ignore[attr-defined]
     if qat is not None and qat.quantized_model is not None:
         model: torch.nn.Module = qat.quantized_model
-    elif qat is not None and not is_fsdp2(pl_module):
+    elif qat is not None and not is_sharded(pl_module):
         model = convert(pl_module)
     else:
         model = pl_module

@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.pruning.sparse_format import packed_state_bytes, save_sparse
 from lightning_eff.quantization.conv import broadcast_folded_norm_statistics
-from lightning_eff.quantization.convert import convert, is_fsdp2, weight_bytes
+from lightning_eff.quantization.convert import convert, weight_bytes
 from lightning_eff.quantization.export import NotExportableError, check_exportable, save_quantized
 from lightning_eff.quantization.measure import evaluate_test_set, inference_seconds
 from lightning_eff.quantization.prepare import (
@@ -30,7 +30,7 @@ from lightning_eff.quantization.prepare import (
 )
 from lightning_eff.quantization.schemes import SCHEMES
 from lightning_eff.report import ReportSection, state_dict_bytes
-from lightning_eff.sharding import unsharded_copy
+from lightning_eff.sharding import is_sharded, unsharded_copy
 from lightning_eff.validation import ConfigError, check, check_bool, check_choice, check_globs, check_int
 
 FLOAT, FAKE_QUANT = "float", "fake_quant"
@@ -116,6 +116,7 @@ class QuantizationAwareTraining(L.Callback):
         self.quantized_model: nn.Module | None = None
         self._gathered: L.LightningModule | None = None  # rank 0: a plain copy of a sharded model, for the report
         self._example: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._sync_norms = False  # FSDP2 on several ranks: folded BatchNorm statistics come from rank 0
         self._capture: Any = None
         self._batch: Any = None
         self._batch_idx = -1
@@ -150,7 +151,8 @@ class QuantizationAwareTraining(L.Callback):
                 f"QuantizationAwareTraining: {layer} shares its weight with {embedding}, which stays float "
                 "(include it to quantize both once): the converted model holds both, no longer one tensor"
             )
-        if is_fsdp2(pl_module) and not all(isinstance(pl_module.get_submodule(n), FAKE_QUANTIZED) for n in plan.layers):
+        swapped = all(isinstance(pl_module.get_submodule(name), FAKE_QUANTIZED) for name in plan.layers)
+        if is_sharded(pl_module) and not swapped:
             raise RuntimeError(
                 "QuantizationAwareTraining: the model is already sharded at setup, too late to swap in fake-quantized "
                 "layers: call fully_shard in the LightningModule's configure_model (Lightning runs it after the "
@@ -177,6 +179,7 @@ class QuantizationAwareTraining(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After a resume Lightning has restored global_step and this callback's phase by now.
         self._set_phase(trainer, pl_module, FAKE_QUANT if trainer.global_step >= self.start_step else FLOAT)
+        self._sync_norms = trainer.world_size > 1 and is_sharded(pl_module)  # once, not on every batch
 
     @override
     def on_train_batch_start(
@@ -184,7 +187,7 @@ class QuantizationAwareTraining(L.Callback):
     ) -> None:
         if self.phase == FLOAT and trainer.global_step >= self.start_step:
             self._set_phase(trainer, pl_module, FAKE_QUANT)
-        if trainer.world_size > 1 and is_fsdp2(pl_module):
+        if self._sync_norms:
             broadcast_folded_norm_statistics(pl_module)  # as DDP's buffer broadcast: one rounding grid on every rank
         if self._example is None:
             # The first training batch's forward input (not the model summary's example_input_array): it times
@@ -223,7 +226,7 @@ class QuantizationAwareTraining(L.Callback):
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         set_fake_quantize(pl_module, self.phase == FAKE_QUANT)
-        if trainer.world_size > 1 and is_fsdp2(pl_module):
+        if trainer.world_size > 1 and is_sharded(pl_module):
             broadcast_folded_norm_statistics(pl_module)
 
     @override
@@ -247,7 +250,7 @@ class QuantizationAwareTraining(L.Callback):
         if not self.convert_on_fit_end:
             return
         # FSDP2: every rank takes part in the gathers, one tensor at a time; only rank 0 keeps the copy.
-        whole = unsharded_copy(pl_module, rank0_only=True) if is_fsdp2(pl_module) else pl_module
+        whole = unsharded_copy(pl_module, rank0_only=True) if is_sharded(pl_module) else pl_module
         if not trainer.is_global_zero:
             return
         assert whole is not None

@@ -390,17 +390,6 @@ def _quantized(layer: nn.Module) -> AnyQuantized | QuantizedMultiheadAttention |
     return QuantizedLinear.from_fake_quantized(layer)  # type: ignore[arg-type]
 
 
-def is_fsdp2(model: nn.Module) -> bool:
-    """Whether `model` is under FSDP2 (``fully_shard``), which forbids deepcopy: a copy must be gathered.
-
-    By the modules, not only the parameters: after a forward without backward FSDP2 leaves the root's
-    parameters unsharded, plain tensors, until the next step.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    return is_sharded(model) or any(isinstance(module, FSDPModule) for module in model.modules())
-
-
 def convert(model: nn.Module) -> nn.Module:
     """A copy of `model` with every fake-quantized layer replaced by a `QuantizedLinear` (or `QuantizedEmbedding`).
 
@@ -414,7 +403,7 @@ def convert(model: nn.Module) -> nn.Module:
     (`sharding.unsharded_copy`): a collective, so every rank must call `convert`; to convert on one rank only,
     pass it ``unsharded_copy(model, rank0_only=True)`` instead.
     """
-    plain = unsharded_copy(model) if is_fsdp2(model) else copy.deepcopy(model)
+    plain = unsharded_copy(model) if is_sharded(model) else copy.deepcopy(model)
     assert plain is not None
     converted = plain.eval()
     by_weight: dict[int, nn.Module] = {}  # tied layers (one weight) are quantized once
