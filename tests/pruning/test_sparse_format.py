@@ -13,7 +13,10 @@ from lightning_eff.pruning.masks import unstructured_masks
 from lightning_eff.pruning.sparse_format import (
     load_sparse,
     load_sparse_into,
+    LEGACY_FORMAT,
     pack_bits,
+    pack_tensor,
+    packed_state_bytes,
     save_sparse,
     unpack_bits,
 )
@@ -67,8 +70,36 @@ def test_integer_and_dense_tensors_pass_through(tmp_path: Path) -> None:
 
 def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
     torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match=r"is not a lightning_eff\.sparse/1 file"):
+    with pytest.raises(ValueError, match=r"is not a lightning_eff\.sparse/2 file \(nor a lightning_eff\.sparse/1 one\)"):
         load_sparse(tmp_path / "plain.pt")
+
+
+def test_a_small_model_pays_a_header_not_an_archive(tmp_path: Path) -> None:
+    """A small CNN's int8 weights are a few kB: the file adds one short header, not ~250 bytes of zip records
+    per tensor as a `torch.save` archive does."""
+    state = {f"layer{i}.{kind}": torch.randn(32, 16, 3, 3) if kind == "weight" else torch.randn(32)
+             for i in range(8) for kind in ("weight", "bias")}  # fmt: skip
+    path = save_sparse(state, tmp_path / "small.pt")
+    overhead = path.stat().st_size - packed_state_bytes(state)
+    assert 0 < overhead <= 64 + 64 * len(state), overhead  # magic, length, and one JSON row of each tensor
+    torch.save(state, tmp_path / "archive.pt")
+    assert (tmp_path / "archive.pt").stat().st_size - packed_state_bytes(state) > 3 * overhead
+
+
+def test_files_of_the_first_format_still_load(tmp_path: Path) -> None:
+    model = pruned_mlp(0.8)
+    state = model.state_dict()
+    payload = {"format": LEGACY_FORMAT, "tensors": {name: pack_tensor(t) for name, t in state.items()}}
+    torch.save(payload, tmp_path / "v1.pt")
+    loaded = load_sparse(tmp_path / "v1.pt")
+    assert list(loaded) == list(state) and all(torch.equal(loaded[n], t) for n, t in state.items())
+
+
+def test_a_damaged_file_is_refused(tmp_path: Path) -> None:
+    path = save_sparse(pruned_mlp(0.5), tmp_path / "x.pt")
+    path.write_bytes(path.read_bytes() + b"extra")
+    with pytest.raises(ValueError, match="bytes after the last tensor"):
+        load_sparse(path)
 
 
 def test_a_90_percent_sparse_int4_model_is_stored_at_under_half_its_dense_int4_bytes(tmp_path: Path) -> None:
