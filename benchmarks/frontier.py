@@ -146,7 +146,8 @@ def run_model(model: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     best = smallest_within(search, dense.quality)
     best_grid = smallest_within(grid, dense.quality)
     covered, grid_front = coverage(search, grid)
-    counts = {name: {state: sum(t.state == state for t in f.trials) for state in ("complete", "stopped", "failed")}
+    states = ("complete", "stopped", "repeat", "failed")
+    counts = {name: {state: sum(t.state == state for t in f.trials) for state in states}
               for name, f in (("search", search), ("grid", grid))}  # fmt: skip
     smaller = dense.model_bytes / best.objectives.model_bytes if best and best.objectives else 0.0
     grid_smaller = dense.model_bytes / best_grid.objectives.model_bytes if best_grid and best_grid.objectives else 0.0
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--only", default="gpt,cnn", help="models, comma-separated: gpt, cnn")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--gpt-steps", type=int, default=300, help="optimizer steps of each GPT trial")
-    parser.add_argument("--cnn-epochs", type=int, default=15, help="epochs of each digits CNN trial")
+    parser.add_argument("--cnn-epochs", type=int, default=40, help="epochs of each digits CNN trial")
     parser.add_argument("--workdir", type=Path, default=Path("multirun/frontier-benchmark"))
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()

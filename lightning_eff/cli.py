@@ -27,7 +27,7 @@ from lightning_eff.capabilities import CAPABILITIES, SHARDED_STRATEGIES, ChecksM
 from lightning_eff.checkpoints import AtomicCheckpointIO, newest_whole_checkpoint
 from lightning_eff.config import ConfigError, ValidatedConfig, validate
 from lightning_eff.distributed import dead_ranks, destroy_process_group_at_exit
-from lightning_eff.frontier import frontier_callbacks, objectives_for_sweep
+from lightning_eff.frontier import answer_repeat, frontier_callbacks, objectives_for_sweep
 from lightning_eff.frontier.ranks import end_sweep_job, rank_argv, remember_sweep_job
 from lightning_eff.hydra_config import config_dir
 from lightning_eff.launch_checks import check_before_launch
@@ -270,7 +270,10 @@ def run(cfg: DictConfig) -> list[float] | None:
     remember_sweep_job()  # the ranks Lightning starts run this job, not the sweep again
     destroy_process_group_at_exit()  # plain DDP too: a gloo run must not abort after it finished
     try:
+        if (reused := answer_repeat(cfg, run_dir)) is not None:
+            return reused  # a frontier trial that repeats a finished one's configuration
         train(cfg, run_dir)
+        return objectives_for_sweep(cfg, run_dir)  # a ConfigError here too: frontier.quality names no figure
     except ConfigError as error:
         print(f"lightning-eff: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -279,7 +282,6 @@ def run(cfg: DictConfig) -> list[float] | None:
         sys.exit(1)
     finally:
         end_sweep_job()  # the sweep's next job in this process starts its own ranks
-    return objectives_for_sweep(cfg, run_dir)
 
 
 def main() -> None:

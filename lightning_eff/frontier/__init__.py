@@ -1,6 +1,6 @@
 """frontier: the efficiency-frontier search (`lightning-eff -m hydra/sweeper=frontier`) and its report."""
 
-from lightning_eff.frontier.app import frontier_callbacks, in_frontier_sweep, objectives_for_sweep
+from lightning_eff.frontier.app import answer_repeat, frontier_callbacks, in_frontier_sweep, objectives_for_sweep
 from lightning_eff.frontier.callback import FrontierTrial
 from lightning_eff.frontier.objectives import Objectives, objectives_from_report
 from lightning_eff.frontier.pareto import dominates, pareto_front
@@ -11,6 +11,7 @@ __all__ = [
     "FrontierTrial",
     "Objectives",
     "TrialHandle",
+    "answer_repeat",
     "build_frontier",
     "current_trial",
     "dominates",

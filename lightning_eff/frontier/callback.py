@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_eff.checkpoints import atomic_write_text
+from lightning_eff.frontier.repeats import STOPPED_ATTR
 from lightning_eff.frontier.stopping import Progress, dominating_trial
 from lightning_eff.frontier.trial import TrialHandle
 from lightning_eff.pruning.sparse_format import packed_state_bytes, save_sparse
@@ -19,6 +20,7 @@ from lightning_eff.quantization import QuantizationAwareTraining
 from lightning_eff.quantization.convert import convert
 from lightning_eff.report import ReportSection
 from lightning_eff.sharding import is_sharded
+from lightning_eff.validation import ConfigError, check, check_choice, check_int, check_number
 
 EXPORT_NAME = "model.sparse.pt"
 STOPPED_NAME = "frontier_stopped.json"
@@ -68,10 +70,10 @@ class FrontierTrial(L.Callback):
         warmup_steps: int = 0,
         run_dir: Path | None = None,
     ) -> None:
-        if direction not in ("minimize", "maximize"):
-            raise ValueError(f"direction={direction!r}: must be minimize or maximize")
-        if min_delta < 0:
-            raise ValueError(f"min_delta={min_delta}: must be >= 0")
+        check_choice("frontier.monitor_direction", direction, ("minimize", "maximize"))
+        check_number("frontier.min_delta", min_delta, "must be a number >= 0", lambda delta: delta >= 0)
+        check_int("frontier.warmup_steps", warmup_steps, 0)
+        check(isinstance(monitor, str) and monitor != "", "frontier.monitor", monitor, "must name a logged metric")
         self.trial = trial
         self.monitor = monitor
         self.direction = direction
@@ -89,16 +91,18 @@ class FrontierTrial(L.Callback):
             value = trainer.callback_metrics.get(self.monitor)
             if value is None:
                 names = ", ".join(sorted(trainer.callback_metrics))
-                raise KeyError(f"frontier.monitor={self.monitor}: not logged at validation; logged: {names}")
+                raise ConfigError("frontier.monitor", self.monitor, f"not logged at validation; logged: {names}")
             model_bytes = float(packed_state_bytes(export_state(trainer, pl_module)))
             progress = Progress(trainer.global_step, float(value), model_bytes)
             self.history.append(progress)
             self.trial.record(progress)
             if progress.step >= self.warmup_steps:
                 stopped_by = dominating_trial(progress, self.trial.others(), self.direction, self.min_delta)
-            if stopped_by is not None and self.run_dir is not None:
+            if stopped_by is not None:
                 record = {"step": progress.step, self.monitor: progress.quality, "dominated_by_trial": stopped_by}
-                atomic_write_text(self.run_dir / STOPPED_NAME, json.dumps(record) + "\n")
+                self.trial.set_attr(STOPPED_ATTR, record)  # a later repeat of this configuration stops too
+                if self.run_dir is not None:
+                    atomic_write_text(self.run_dir / STOPPED_NAME, json.dumps(record) + "\n")
         stopped_by = trainer.strategy.broadcast(stopped_by, src=0)
         if stopped_by is not None:
             if not trainer.is_global_zero:

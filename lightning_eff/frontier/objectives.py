@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_eff.validation import ConfigError
+
 
 @dataclass(frozen=True)
 class Objectives:
@@ -32,7 +34,7 @@ def objectives_from_report(report: dict[str, Any], quality: str) -> Objectives:
     run = report["run"]["summary"]
     if quality not in run:
         figures = ", ".join(sorted(key for key, value in run.items() if isinstance(value, (int, float))))
-        raise KeyError(f"frontier.quality={quality}: not in the report's run section; it has {figures}")
+        raise ConfigError("frontier.quality", quality, f"not in the report's run section; it has {figures}")
     model_bytes = report.get("frontier", {}).get("summary", {}).get("model_bytes_on_disk")
     if model_bytes is None:  # a run without FrontierTrial (a plain multirun): the float weights
         model_bytes = run["model_size_bytes"]

@@ -17,6 +17,7 @@ from lightning_eff.checkpoints import atomic_write_text
 from lightning_eff.frontier.callback import STOPPED_NAME
 from lightning_eff.frontier.objectives import Objectives, read_objectives
 from lightning_eff.frontier.pareto import pareto_front
+from lightning_eff.frontier.repeats import REPEAT_NAME
 from lightning_eff.frontier.trial import TRIAL_KEY
 
 # (name, objectives on the x axis) of the two fronts: quality against each cost.
@@ -28,10 +29,11 @@ class TrialResult:
     """One job of the sweep: how it ended, what it scored, and the overrides that run it again."""
 
     job: str
-    state: str  # complete, stopped (early, dominated) or failed
+    state: str  # complete, stopped (early, dominated), repeat (of an earlier trial, not trained) or failed
     overrides: list[str]
     objectives: Objectives | None = None
     stopped: dict[str, Any] | None = None
+    repeat_of: int | None = None  # the trial number whose configuration a repeat had
 
     @property
     def command(self) -> str:
@@ -63,16 +65,22 @@ def collect_trials(sweep_dir: Path, quality: str) -> list[TrialResult]:
     trials = []
     jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
     for job_dir in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
-        overrides = [
-            str(o) for o in OmegaConf.load(job_dir / ".hydra/overrides.yaml") if not str(o).startswith(f"{TRIAL_KEY}=")
-        ]
+        # the sweep's own settings (frontier.*: the trial number, early stopping) do not exist in a single run
+        overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra/overrides.yaml") if not _sweep_setting(str(o))]
         result = TrialResult(job=job_dir.name, state="failed", overrides=overrides)
-        if (job_dir / "report.json").is_file():
+        if (job_dir / REPEAT_NAME).is_file():  # already on the front (or not) as the trial it repeats
+            repeat = json.loads((job_dir / REPEAT_NAME).read_text())
+            result.state, result.repeat_of = "repeat", int(repeat["repeat_of_trial"])
+        elif (job_dir / "report.json").is_file():
             result.state, result.objectives = "complete", read_objectives(job_dir, quality)
         elif (job_dir / STOPPED_NAME).is_file():
             result.state, result.stopped = "stopped", json.loads((job_dir / STOPPED_NAME).read_text())
         trials.append(result)
     return trials
+
+
+def _sweep_setting(override: str) -> bool:
+    return override.lstrip("+~").startswith(f"{TRIAL_KEY.split('.')[0]}.")
 
 
 def build_frontier(sweep_dir: Path, quality: str, direction: str) -> Frontier:
@@ -89,10 +97,12 @@ def build_frontier(sweep_dir: Path, quality: str, direction: str) -> Frontier:
 
 def format_frontier(frontier: Frontier) -> str:
     """The fronts as plain-text tables, each row with the command that reproduces the trial."""
-    counts = {state: sum(t.state == state for t in frontier.trials) for state in ("complete", "stopped", "failed")}
+    states = ("complete", "stopped", "repeat", "failed")
+    counts = {state: sum(t.state == state for t in frontier.trials) for state in states}
     lines = [
         f"frontier: {len(frontier.trials)} trials ({counts['complete']} complete, {counts['stopped']} stopped early, "
-        f"{counts['failed']} failed); quality = {frontier.quality} ({frontier.direction})"
+        f"{counts['repeat']} repeats not trained, {counts['failed']} failed); "
+        f"quality = {frontier.quality} ({frontier.direction})"
     ]
     for name, cost in FRONTS:
         lines.append(f"== Pareto front: {frontier.quality} vs {cost} ==")

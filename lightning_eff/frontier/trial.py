@@ -53,6 +53,11 @@ class TrialHandle:
         history.append([progress.step, progress.quality, progress.model_bytes])
         storage.set_trial_user_attr(trial_id, HISTORY_ATTR, history)
 
+    def set_attr(self, name: str, value: Any) -> None:
+        """Store a JSON-able `value` as the trial's user attribute `name` (read by other jobs and Optuna's tools)."""
+        storage, _, trial_id = self._open()
+        storage.set_trial_user_attr(trial_id, name, value)
+
     def others(self) -> dict[int, list[Progress]]:
         """Every other trial's recorded validations, by trial number."""
         storage, study_id, _ = self._open()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_eff.frontier.objectives import objectives_from_report
+from lightning_eff.validation import ConfigError
 
 RUN = {"test_loss": 0.5, "test_acc": 0.9, "model_size_bytes": 4000, "train_step_seconds": 6.0, "global_step": 10,
        "world_size": 2}  # fmt: skip
@@ -19,5 +20,6 @@ def test_without_an_export_the_float_weights_count() -> None:
 
 
 def test_an_unknown_quality_names_what_the_report_has() -> None:
-    with pytest.raises(KeyError, match=r"frontier\.quality=val_f1: not in the report's run section; it has .*test_acc"):
+    expected = r"frontier\.quality=val_f1: not in the report's run section; it has .*test_acc"
+    with pytest.raises(ConfigError, match=expected):
         objectives_from_report({"run": {"summary": RUN}}, "val_f1")

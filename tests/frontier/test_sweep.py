@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 # Two validations (steps 3 and 6) per trial on the digits MLP. With the sweeper's seed 0, NSGA-II's first three
 # draws of model.lr are 1e-05, 0.001, 1e-05: trial 1 learns, so at step 3 it beats trial 2 (the same model, so
-# the same bytes) by more than min_delta, and trial 2 is stopped there.
+# the same bytes) by more than min_delta, and trial 2 is stopped there. Trial 2 repeats trial 0's configuration,
+# so these sweeps train repeats (frontier.skip_repeats=false); test_a_repeated_configuration_... covers skipping.
 TINY = [
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=6",
@@ -35,7 +36,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Co
     workdir = tmp_path_factory.mktemp("frontier")
     sweep_dir = workdir / "sweep"
     args = ["-m", "hydra/sweeper=frontier", "hydra.sweeper.n_trials=3", "hydra.sweeper.params=null",
-            "model.lr=choice(0.001,0.00001)", f"hydra.sweep.dir={sweep_dir}", *TINY]  # fmt: skip
+            "model.lr=choice(0.001,0.00001)", f"hydra.sweep.dir={sweep_dir}", "frontier.skip_repeats=false",
+            *TINY]  # fmt: skip
     result = run_cli(args, cwd=workdir, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir, result
@@ -108,7 +110,7 @@ def test_two_process_trials_each_run_their_own_job_and_stop_together(tmp_path: P
     sweep_dir = tmp_path / "sweep"
     args = ["-m", "hydra/sweeper=frontier", "hydra.sweeper.n_trials=3", "hydra.sweeper.params=null",
             "trainer=ddp_cpu", "compression=fp16", "model.lr=choice(0.001,0.00001)", f"hydra.sweep.dir={sweep_dir}",
-            *TINY]  # fmt: skip
+            "frontier.skip_repeats=false", *TINY]  # fmt: skip
     result = run_cli(args, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir}/optuna.db")
@@ -118,3 +120,40 @@ def test_two_process_trials_each_run_their_own_job_and_stop_together(tmp_path: P
         assert report["run"]["summary"]["world_size"] == 2
         assert report["communication"]["summary"]["compressor"] == "FP16()"
     assert json.loads((sweep_dir / "2" / "frontier_stopped.json").read_text())["dominated_by_trial"] == 1
+
+
+def test_a_repeated_configuration_reuses_the_earlier_trial_without_training(tmp_path: Path) -> None:
+    # NSGA-II (seed 0) draws model.lr 0.001, 2e-05, 2e-05, 0.001 from these three: trial 1 is stopped at step 3 by
+    # trial 0, trial 2 repeats the stopped trial 1 and trial 3 the complete trial 0; neither repeat trains.
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "hydra/sweeper=frontier", "hydra.sweeper.n_trials=4", "hydra.sweeper.params=null",
+            "model.lr=choice(0.00001,0.001,0.00002)", f"hydra.sweep.dir={sweep_dir}", *TINY]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    trials = study.get_trials()
+    assert [t.params["model.lr"] for t in trials] == [0.001, 2e-05, 2e-05, 0.001]
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    assert trials[3].values == trials[0].values
+    assert trials[1].user_attrs["frontier_stopped"]["dominated_by_trial"] == 0
+    for job, of in (("2", 1), ("3", 0)):
+        repeat = json.loads((sweep_dir / job / "frontier_repeat.json").read_text())
+        assert repeat["repeat_of_trial"] == of and repeat["job"] == str(of)
+        assert not (sweep_dir / job / "report.json").exists() and not (sweep_dir / job / "metrics.csv").exists()
+        assert trials[int(job)].intermediate_values == {}  # no validation ran
+    assert "trial 3 repeats trial 0 (job 0)" in result.stdout
+    payload = json.loads((sweep_dir / "frontier.json").read_text())
+    assert [t["state"] for t in payload["trials"]] == ["complete", "stopped", "repeat", "repeat"]
+    assert payload["fronts"]["bytes"] == ["0"]
+    assert "4 trials (1 complete, 1 stopped early, 2 repeats not trained, 0 failed)" in result.stdout
+
+
+def test_a_bad_frontier_setting_ends_the_sweep_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    args = ["-m", "hydra/sweeper=frontier", "hydra.sweeper.n_trials=2", "hydra.sweeper.params=null",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", "frontier.monitor_direction=up", *TINY]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lightning-eff: error: frontier.monitor_direction=up: must be one of minimize, maximize"
+    )
+    assert not (tmp_path / "sweep" / "1").exists()  # the first trial's error ended the sweep
