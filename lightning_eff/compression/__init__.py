@@ -13,12 +13,15 @@ from lightning_eff.compression.base import Compressor, Dense
 from lightning_eff.compression.casts import BF16, FP16
 from lightning_eff.compression.hooks import CompressionHook, NonFiniteGradientWarning
 from lightning_eff.compression.int8 import Int8
+from lightning_eff.compression.local_sgd import LocalSGD
 from lightning_eff.compression.powersgd import PowerSGD
 from lightning_eff.compression.stats import CompressionStats, Traffic
 from lightning_eff.compression.topk import TopK
 from lightning_eff.compression.transport import BucketLayout, Collectives
 
-COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (Dense, FP16, BF16, PowerSGD, TopK, Int8, Auto)}
+COMPRESSORS: dict[str, type[Compressor]] = {
+    cls.name: cls for cls in (Dense, FP16, BF16, PowerSGD, TopK, Int8, Auto, LocalSGD)
+}
 
 __all__ = [
     "BF16",
@@ -32,6 +35,7 @@ __all__ = [
     "Compressor",
     "Dense",
     "Int8",
+    "LocalSGD",
     "NonFiniteGradientWarning",
     "PowerSGD",
     "TopK",

@@ -10,17 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 
 from lightning_eff.compression import COMPRESSORS, Compressor
 from lightning_eff.compression.hooks import CompressionHook
+from lightning_eff.compression.local_sgd import LocalSGD, LocalSGDRun
 from lightning_eff.compression.stats import CompressionStats
 from lightning_eff.report import ReportSection
 from lightning_eff.validation import ConfigError, check_choice
 
 CHECKPOINT_KEY = "lightning_eff_compression"  # a list: each rank's compressor state, in rank order
+REPLICAS_KEY = "lightning_eff_local_sgd_replicas"  # a list: each rank's model and optimizer state, in rank order
 
 
 def resolve_compressor(value: Compressor | str | None) -> Compressor | None:
@@ -90,10 +95,11 @@ class CompressedCommunication:
         run's steps; the warning says so with this run's numbers.
         """
         start = self.compressor.compress_from
+        argument = getattr(self.compressor, "warmup_argument", "start_step")  # LocalSGD's is warmup_steps
         if 0 < planned_steps < float("inf") and start >= planned_steps:
             rank_zero_warn(
                 f"compression: {self.compressor!r} sends every step dense until step {start}, but this run plans "
-                f"{int(planned_steps)} optimizer steps, so it will never compress; lower start_step (e.g. "
+                f"{int(planned_steps)} optimizer steps, so it will never compress; lower {argument} (e.g. "
                 f"{max(2, int(planned_steps) // 10)}, 10% of the run, as torch suggests) or train longer"
             )
 
@@ -117,6 +123,7 @@ class CompressedCommunication:
         last = self.stats.last_step
         metrics = {
             "compression/ratio": last.ratio,
+            "compression/total_ratio": self.stats.total.ratio,  # the run so far: local SGD's steps alternate
             "compression/bytes_sent": float(last.bytes_sent),
             "compression/bytes_dense": float(last.bytes_dense),
             "compression/compress_seconds": last.compress_seconds,
@@ -143,3 +150,114 @@ class CompressedCommunication:
             "nonfinite_buckets": total.nonfinite_buckets,
         }
         return ReportSection(name="communication", summary=summary)
+
+
+def make_communication(compressor: Compressor) -> CompressedCommunication:
+    """What `EfficientDDPStrategy` runs for `compressor`: `LocalSGDCommunication` for `LocalSGD`, else a comm hook."""
+    if isinstance(compressor, LocalSGD):
+        return LocalSGDCommunication(compressor)
+    return CompressedCommunication(compressor)
+
+
+class LocalSGDCommunication(CompressedCommunication):
+    """`LocalSGD` in a DDP run: torch's post-local SGD hook and averager (`LocalSGDRun`), their step counters in
+    the checkpoint, and every rank's own parameters and optimizer state beside them.
+
+    Between averagings the ranks' parameters and optimizer states differ, and Lightning saves rank 0's only; so
+    every rank's copy goes into rank 0's file (`REPLICAS_KEY`: world_size times the model and optimizer state)
+    and each rank loads its own on resume, which continues exactly where the run stopped. Lightning restores the
+    model before wrapping it in DDP, whose constructor then broadcasts rank 0's parameters; so `register` (after
+    the wrap) loads this rank's parameters again.
+    """
+
+    def __init__(self, compressor: LocalSGD) -> None:
+        super().__init__(compressor)
+        self.local_sgd = compressor
+        self.run: LocalSGDRun | None = None
+        self._replica: dict[str, Any] | None = None  # this rank's parameters from a checkpoint, until the DDP wrap
+
+    @property
+    def registered(self) -> bool:
+        return self.run is not None
+
+    def register(self, model: DistributedDataParallel, sync_timing: bool) -> None:
+        """Register torch's post-local SGD hook (counted) on `model` and build the averager."""
+        self.run = LocalSGDRun(self.local_sgd, self.stats)
+        if self._replica is not None:  # DDP's constructor broadcast rank 0's parameters over this rank's own
+            model.module.load_state_dict(self._replica, strict=getattr(model.module, "strict_loading", True))
+            self._replica = None
+        if self._restored_state is not None:
+            self.run.load_state_dict(self._restored_state)
+            self._restored_state = None
+        model.register_comm_hook(state=self.run.state, hook=self.run.hook)
+
+    def gather_state(self, world_size: int) -> list[Any] | None:
+        if self.run is None:
+            return None
+        states: list[Any] = [None] * world_size
+        if dist.is_available() and dist.is_initialized():
+            dist.all_gather_object(states, self.run.state_dict())
+        else:
+            states = [self.run.state_dict()]
+        return states
+
+    def restore_state(self, states: list[Any], rank: int, world_size: int) -> None:
+        state = states[rank] if len(states) == world_size else states[0]  # the counters agree across ranks
+        if self.run is not None:
+            self.run.load_state_dict(state)
+        else:
+            self._restored_state = state
+
+    def after_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Average the parameters when due (every rank, right after its optimizer step)."""
+        if self.run is not None:
+            self.run.after_optimizer_step(optimizer)
+
+    def average_at_end(self, optimizer: Optimizer) -> None:
+        """Average once more at the end of training, so the model tested and saved is the ranks' consensus."""
+        if self.run is not None:
+            self.run.average_now(optimizer)
+
+    def gather_replicas(self, checkpoint: dict[str, Any], world_size: int) -> None:
+        """Put every rank's model and optimizer state into `checkpoint` (a collective: every rank calls it)."""
+        own = move_data_to_device(
+            {"state_dict": checkpoint.get("state_dict"), "optimizer_states": checkpoint.get("optimizer_states")},
+            torch.device("cpu"),
+        )
+        replicas: list[Any] = [None] * world_size
+        if dist.is_available() and dist.is_initialized():
+            dist.all_gather_object(replicas, own)
+        else:
+            replicas = [own]
+        checkpoint[REPLICAS_KEY] = replicas
+
+    def restore_replica(self, checkpoint: dict[str, Any], rank: int, world_size: int) -> None:
+        """Make `checkpoint`'s model and optimizer state this rank's own, before Lightning loads them."""
+        replicas = checkpoint.get(REPLICAS_KEY)
+        if replicas is None:
+            return
+        if len(replicas) != world_size:
+            rank_zero_warn(
+                f"the checkpoint holds local SGD replicas for {len(replicas)} ranks, this run has {world_size}: "
+                "every rank starts from rank 0's parameters and optimizer state"
+            )
+            return
+        for key in ("state_dict", "optimizer_states"):
+            if replicas[rank][key] is not None:
+                checkpoint[key] = replicas[rank][key]
+        self._replica = replicas[rank]["state_dict"] if self.run is None else None
+
+    def report_section(self) -> ReportSection | None:
+        """The `communication` section plus local SGD's own figures: when it started and how often it averaged."""
+        section = super().report_section()
+        if section is None or self.run is None:
+            return section
+        warmup, period = self.local_sgd.warmup_steps, self.local_sgd.period
+        averages = max(0, -(-(self.run.step - warmup) // period))
+        section.summary.update(
+            local_sgd_from_step=self.stats.first_compressed_step,  # None: warm-up covered the run
+            period=period,
+            parameter_averages=averages,
+            averaged_at_end=self.run.averaged_last_step,
+        )
+        return section

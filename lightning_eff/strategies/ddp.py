@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer
 from lightning_eff.compression import Compressor, communication
-from lightning_eff.compression.communication import CompressedCommunication, resolve_compressor
+from lightning_eff.compression.communication import (
+    LocalSGDCommunication,
+    make_communication,
+    resolve_compressor,
+)
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.strategies.hooks import EfficientStrategyHooks, resolve_balancer
 from lightning_eff.validation import ConfigError
@@ -25,6 +32,13 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
     (`compression.communication`). With a balancer, each rank's share of the global batch follows its measured
     speed and each rank's loss is weighted by its sample count (`balancing.balanced_training`). Each override
     below says which of the two it hands the hook to.
+
+    ``compression=LocalSGD(period, warmup_steps)`` (post-local SGD) is no comm hook alone: after warm-up the
+    parameters are averaged right after every `period`-th optimizer step (`optimizer_step`, so never during the
+    sanity check or validation), once more at the end of training, and every rank's own parameters and optimizer
+    state are checkpointed (`save_checkpoint`). It needs one optimizer. With a balancer, shares and loss weights
+    stay as above: warm-up steps are exactly the global-batch update, and after it each rank steps on its own
+    weighted loss (with plain SGD, the average of the ranks' first local steps is the global-batch step).
 
     Args:
         compression: a `Compressor` (``PowerSGD(rank=4)``), a registered name (``"powersgd"``), or None
@@ -54,13 +68,42 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
         self.compressor = resolve_compressor(compression)
         self.balancer = resolve_balancer(balancer)
         super().__init__(**kwargs)
-        self.communication = CompressedCommunication(self.compressor) if self.compressor is not None else None
+        self.communication = make_communication(self.compressor) if self.compressor is not None else None
 
     @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
         destroy_process_group_at_exit()  # Lightning does this for NCCL only; gloo runs can abort at exit without it
         self.start_balancing()
+
+    @property
+    def local_sgd(self) -> LocalSGDCommunication | None:
+        """The local SGD run, if ``compression`` is a `LocalSGD`."""
+        return self.communication if isinstance(self.communication, LocalSGDCommunication) else None
+
+    @override
+    def setup(self, trainer: L.Trainer) -> None:
+        super().setup(trainer)
+        if self.local_sgd is not None and trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
+            raise ConfigError(
+                "compression",
+                "local_sgd",
+                f"needs exactly one optimizer (its averager counts optimizer steps); this module has "
+                f"{len(self.optimizers)}",
+            )
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.local_sgd is not None:
+            self.local_sgd.after_optimizer_step(optimizer)  # local SGD: average the parameters when due
+        return result
+
+    @override
+    def on_train_end(self) -> None:
+        if self.local_sgd is not None and self.optimizers:
+            self.local_sgd.average_at_end(self.optimizers[0])  # the tested and exported model is the consensus
+        super().on_train_end()
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -74,6 +117,8 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         if self.communication is not None and (states := self.communication.gather_state(self.world_size)):
             checkpoint[communication.CHECKPOINT_KEY] = states
+        if self.local_sgd is not None:
+            self.local_sgd.gather_replicas(checkpoint, self.world_size)  # ranks differ between averagings
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
@@ -82,4 +127,6 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
         if self.communication is not None and communication.CHECKPOINT_KEY in checkpoint:
             states = checkpoint[communication.CHECKPOINT_KEY]
             self.communication.restore_state(states, self.global_rank, self.world_size)
+        if self.local_sgd is not None:
+            self.local_sgd.restore_replica(checkpoint, self.global_rank, self.world_size)
         return checkpoint

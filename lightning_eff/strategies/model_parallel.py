@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer
 from lightning_eff.balancing.sharded_timing import time_sharded_collectives
-from lightning_eff.compression import Compressor
+from lightning_eff.compression import Compressor, LocalSGD
 from lightning_eff.compression.communication import resolve_compressor
 from lightning_eff.compression.sharded import ShardedCommunication, fsdp_modules
 from lightning_eff.distributed import destroy_process_group_at_exit
@@ -34,7 +34,8 @@ class EfficientModelParallelStrategy(EfficientStrategyHooks, ModelParallelStrate
 
     Compression is what FSDP2's reduce-scatter allows: ``bf16`` or ``fp16`` on the wire (`CastReduceScatter`, half
     the bytes, the same stats as under DDP). PowerSGD, TopK, Int8 and Auto are refused at construction: they need
-    whole gradients and full-size error feedback on every rank (see `compression.sharded`).
+    whole gradients and full-size error feedback on every rank (see `compression.sharded`); LocalSGD too: it
+    averages whole parameter replicas, which FSDP2 shards.
 
     Unlike Lightning's `ModelParallelStrategy`, every process is a data-parallel rank by default
     (``data_parallel_size="auto"`` with ``tensor_parallel_size=1``): Lightning's defaults would make the
@@ -68,6 +69,13 @@ class EfficientModelParallelStrategy(EfficientStrategyHooks, ModelParallelStrate
         **kwargs: Any,
     ) -> None:
         compressor = resolve_compressor(compression)
+        if isinstance(compressor, LocalSGD):
+            raise ConfigError(
+                "compression",
+                compressor.name,
+                "does not apply to FSDP2 (local SGD keeps a whole replica of the parameters on every rank and lets "
+                "them drift apart between averagings; FSDP2 shards them); use bf16, fp16 or none, or DDP",
+            )
         self.balancer = resolve_balancer(balancer)
         self.communication = ShardedCommunication(compressor) if compressor is not None else None
         if self.balancer is not None:
