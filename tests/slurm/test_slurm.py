@@ -154,3 +154,27 @@ def test_submitit_launcher_submits_to_the_cluster(slurm_env: dict[str, str], tmp
     summary = _report(tmp_path / "sweep" / "0")["run"]["summary"]
     assert summary["world_size"] == 2 and summary["global_step"] == 2 * 10
     assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitted through submitit, not run locally
+
+
+def test_frontier_sweep_runs_its_trials_through_the_slurm_launcher(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    # The frontier sweep's trials as SLURM jobs (submitit): each job opens the study in the sweep directory's
+    # SQLite file, a dominated trial stops early without ending the sweep, and a repeat is answered from the study.
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    optuna = pytest.importorskip("optuna")
+    sweep_dir = tmp_path / "sweep"
+    command = ["lightning-eff", "-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=10",
+               "hydra/sweeper=frontier", "hydra.sweeper.n_trials=3", "hydra.sweeper.params=null",
+               "model.lr=choice(0.00001,0.001,0.00002)", f"hydra.sweep.dir={sweep_dir}", "trainer.max_epochs=2",
+               "trainer.limit_train_batches=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
+               "trainer.limit_test_batches=3", "trainer.enable_checkpointing=false"]  # fmt: skip
+    result = _run(command, slurm_env, tmp_path, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((sweep_dir / ".submitit").iterdir())  # submitted through submitit, not run locally
+    study = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    trials = study.get_trials()
+    assert [t.params["model.lr"] for t in trials] == [0.001, 2e-05, 2e-05]
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL"]
+    assert trials[1].user_attrs["frontier_stopped"]["dominated_by_trial"] == 0
+    assert json.loads((sweep_dir / "2" / "frontier_repeat.json").read_text())["repeat_of_trial"] == 1
+    assert trials[0].values[1] == (sweep_dir / "0" / "model.sparse.pt").stat().st_size
+    assert "3 trials (1 complete, 1 stopped early, 1 repeats not trained, 0 failed)" in result.stdout
