@@ -19,15 +19,28 @@ class Cast(Compressor):
     """Allreduce in a narrower float type. Stateless, and inf/NaN pass through as in a dense allreduce."""
 
     dtype: ClassVar[torch.dtype]
+    overlaps: ClassVar[bool] = True
 
     def needs_finite_input(self, step: int) -> bool:
         return False
 
+    def _narrows(self, buffer: Tensor) -> bool:
+        """Whether the wire type is narrower than `buffer`'s (else the bucket goes as it is)."""
+        return buffer.element_size() > torch.finfo(self.dtype).bits // 8
+
     def compressed_mean(self, buffer: Tensor, layout: BucketLayout, comm: Collectives, step: int) -> Tensor:
-        if buffer.element_size() <= torch.finfo(self.dtype).bits // 8:
+        if not self._narrows(buffer):
             return comm.mean(buffer)
         narrow = buffer.div_(comm.world_size).to(self.dtype)
         return buffer.copy_(comm.all_reduce(narrow))
+
+    def compressed_mean_async(
+        self, buffer: Tensor, layout: BucketLayout, comm: Collectives, step: int
+    ) -> torch.futures.Future[Tensor]:
+        if not self._narrows(buffer):
+            return comm.mean_async(buffer)
+        narrow = buffer.div_(comm.world_size).to(self.dtype)
+        return comm.then(comm.all_reduce_async(narrow), lambda summed: comm.completed(buffer.copy_(summed)))
 
 
 @dataclass(eq=False)

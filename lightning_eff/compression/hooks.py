@@ -4,7 +4,6 @@ No `from __future__ import annotations` here: DDP's `register_comm_hook` compare
 `dist.GradBucket` and `torch.futures.Future[torch.Tensor]` as objects, and strings would fail that check.
 """
 
-import time
 import warnings
 from typing import Any
 
@@ -25,8 +24,18 @@ class CompressionHook:
     """A DDP comm hook that averages every gradient bucket with `compressor` and counts what that saved.
 
     DDP calls it once per bucket per synchronizing backward (never inside `no_sync`), so `step` counts optimizer
-    steps under gradient accumulation. The hook returns an already completed future: the compressor's
-    collectives are synchronous, which keeps multi-collective schemes like PowerSGD simple on gloo and NCCL alike.
+    steps under gradient accumulation.
+
+    Overlap (`overlap=True`, the default): for a compressor with an asynchronous form (`Dense`, `FP16`, `BF16`,
+    `PowerSGD`) the hook starts the bucket and returns its future, so the backward pass goes on while the bucket
+    travels; later stages (PowerSGD's orthogonalization and Q) run where the previous collective completes.
+    Buckets run one after another: a bucket starts once the previous one is done. Every rank then issues the
+    same collectives in the same order (DDP calls the hook in bucket order), which gloo needs: torch's
+    `powerSGD_hook` starts each stage from whichever collective finished first, an order that can differ
+    between ranks. The last bucket's call waits until every bucket is done (the backward pass has nothing left
+    to compute then), closes the step's stats and warns about non-finite buckets there, so nothing is in flight
+    when DDP, or the training step, issues a collective of its own. Other compressors run synchronously inside
+    the hook, as with `overlap=False`.
 
     Compressor state is keyed by parameter name. Pass the wrapped `module` so names are the module's own; without
     it, parameters are numbered in the order the hook first sees them, which is stable across a resume only if the
@@ -37,6 +46,7 @@ class CompressionHook:
         stats: where bytes and seconds are counted (a new `CompressionStats` if None).
         module: the module DDP wraps (``ddp_model.module``), for parameter names.
         sync_timing: synchronize CUDA around collectives so `stats` seconds are real (costs overlap).
+        overlap: return the compressor's future rather than waiting for it inside the hook.
 
     Example::
 
@@ -53,10 +63,12 @@ class CompressionHook:
         stats: CompressionStats | None = None,
         module: torch.nn.Module | None = None,
         sync_timing: bool = False,
+        overlap: bool = True,
     ) -> None:
         self.compressor = compressor
         self.stats = stats if stats is not None else CompressionStats()
         self.sync_timing = sync_timing
+        self.overlap = overlap
         self.step = 0
         # DDP reads these of every hook (for its logs and a check that targets torch's bf16 hook).
         self.__name__ = self.__qualname__ = f"CompressionHook({compressor.name})"
@@ -65,39 +77,53 @@ class CompressionHook:
         if module is not None:
             for name, parameter in module.named_parameters():
                 self._name(parameter, name)
-        self._warned_step = -1
+        self._previous: torch.futures.Future[Tensor] | None = None  # this step's last bucket so far
 
     def __call__(self, state: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-        started = time.perf_counter()
         buffer = bucket.buffer()
-        comm = Collectives(state, sync_timing=self.sync_timing)
-        result = self.compressor.allreduce_mean(buffer, self._layout(bucket), comm, self.step)
+        comm = Collectives(state, sync_timing=self.sync_timing, device=buffer.device)
+        layout, step, compressor = self._layout(bucket), self.step, self.compressor
+        averaged: torch.futures.Future[Tensor]
+        if self.overlap:
+            previous = self._previous if self._previous is not None else comm.completed(buffer)
+            averaged = comm.then(previous, lambda _: compressor.allreduce_mean_async(buffer, layout, comm, step))
+        else:
+            averaged = comm.completed(comm.run(compressor.allreduce_mean, buffer, layout, comm, step))
+        done = comm.then(averaged, lambda result: comm.completed(self._record(buffer, result, comm)))
+        if not bucket.is_last():
+            self._previous = done
+            return done
+        self._previous = None
+        done.wait()  # buckets run in order, so every bucket of this step is done
+        self._end_step()
+        return done
+
+    def _record(self, buffer: Tensor, result: Tensor, comm: Collectives) -> Tensor:
+        """The average into DDP's buffer, and the bucket's traffic into the step's stats."""
         if result is not buffer:
             buffer.copy_(result)
         comm.synchronize(buffer)
-        elapsed = time.perf_counter() - started
         traffic = Traffic(
             bytes_dense=buffer.numel() * buffer.element_size(),
             bytes_sent=comm.bytes_sent,
-            compress_seconds=elapsed - comm.seconds,
+            compress_seconds=comm.compute_seconds,
             communicate_seconds=comm.seconds,
             nonfinite_buckets=int(comm.nonfinite),
         )
         self.stats.record_bucket(traffic)
-        if comm.nonfinite and self._warned_step != self.step:
-            self._warned_step = self.step
+        return buffer
+
+    def _end_step(self) -> None:
+        """Warn once if a bucket of this step went dense for inf/NaN, close the step's stats, count the step."""
+        if self.stats.current.nonfinite_buckets:
             warnings.warn(
                 f"step {self.step}: a gradient bucket holds inf/NaN on some rank; it was sent uncompressed and "
                 f"{self.compressor.name}'s state was left unchanged",
                 NonFiniteGradientWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        if bucket.is_last():
-            self.stats.end_step()
-            self.step += 1
-        future: torch.futures.Future[Tensor] = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
-        future.set_result(buffer)
-        return future
+        self.stats.end_step()
+        self.step += 1
 
     def _name(self, parameter: Tensor, name: str | None = None) -> str:
         key = id(parameter)

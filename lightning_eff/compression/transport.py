@@ -1,8 +1,8 @@
 """What a compressor works with: a bucket's layout, the collectives it may use, and the state it keeps per parameter.
 
 A compressor talks to other ranks only through `Collectives`, so bytes and seconds are counted in one place.
-Collectives are synchronous, which keeps schemes that chain several collectives per bucket simple, on gloo and
-NCCL alike.
+Each collective has a synchronous form (`all_reduce`) and, for compressors that overlap with the backward pass,
+an asynchronous one (`all_reduce_async`) whose future the next stage follows with `Collectives.then`.
 
 Per-rank state (error-feedback residuals, PowerSGD's Q) is keyed by parameter name, not by bucket index, and every
 scheme works per parameter: DDP rebuilds its buckets after the first step of every run, a resumed one included, so
@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,9 @@ from torch import Tensor
 
 # `all_gather_single` replaces `all_gather_into_tensor` (deprecated in recent torch); older torch has only the latter.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass(frozen=True)
@@ -65,20 +68,33 @@ class Collectives:
     two, so top-k's real saving shrinks as the world grows. Without an initialized process group the collectives
     are the identity (world size 1), so compressors run, and are tested, in a single process.
 
+    Seconds: `seconds` is time in collectives: a synchronous one's duration, an asynchronous one's wall time from
+    its start to its completion (other work, the backward pass included, runs meanwhile). `compute_seconds` is
+    wall time spent running the compressor's own code (the hook's call and every `then` stage), less the
+    synchronous collectives inside it. Bytes are counted when a collective starts, in both forms alike.
+
     Args:
         group: the process group (None: the default group).
         sync_timing: synchronize the device around each collective, so seconds on CUDA are real, not launch times.
+        device: the device of the bucket, which the asynchronous forms' futures name when it is CUDA.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, sync_timing: bool = False) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, sync_timing: bool = False, device: torch.device | None = None
+    ) -> None:
         self.group = group
+        self.devices: list[int | str | torch.device] | None = (
+            [device] if device is not None and device.type == "cuda" else None
+        )
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.sync_timing = sync_timing
         self.bytes_sent = 0
         self.seconds = 0.0
+        self.compute_seconds = 0.0
         self.nonfinite = False
+        self._blocked = 0.0  # seconds in synchronous collectives, subtracted from `compute_seconds`
 
     def all_reduce(self, tensor: Tensor, op: Any = dist.ReduceOp.SUM) -> Tensor:
         """Reduce `tensor` in place across ranks (SUM unless `op` says otherwise) and return it."""
@@ -86,6 +102,25 @@ class Collectives:
             if self.distributed:
                 dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
+
+    def all_reduce_async(self, tensor: Tensor, op: Any = dist.ReduceOp.SUM) -> torch.futures.Future[Tensor]:
+        """Start reducing `tensor` in place; the future holds `tensor` once every rank's part is in."""
+        self.synchronize(tensor)
+        start = time.perf_counter()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        if not self.distributed:
+            self.seconds += time.perf_counter() - start
+            return self.completed(tensor)
+        work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
+        assert work is not None  # async_op=True always returns the work
+
+        def finished(future: torch.futures.Future[Any]) -> Tensor:
+            future.wait()  # raises the collective's error, if any
+            self.synchronize(tensor)
+            self.seconds += time.perf_counter() - start
+            return tensor
+
+        return work.get_future().then(finished)
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every rank's 1-D `tensor` (same size on every rank), stacked: shape (world_size, numel)."""
@@ -101,10 +136,57 @@ class Collectives:
         """The dense average, in place; dividing first keeps low-precision sums from overflowing."""
         return self.all_reduce(tensor.div_(self.world_size))
 
+    def mean_async(self, tensor: Tensor) -> torch.futures.Future[Tensor]:
+        """`mean`, started: the future holds the average."""
+        return self.all_reduce_async(tensor.div_(self.world_size))
+
     def all_finite(self, tensor: Tensor) -> bool:
         """Whether `tensor` is finite on every rank, so that all ranks take the same branch."""
-        bad = (~torch.isfinite(tensor)).any().to(torch.float32).reshape(1)
-        return self.all_reduce(bad, dist.ReduceOp.MAX).item() == 0
+        return self.all_reduce(_nonfinite_flag(tensor), dist.ReduceOp.MAX).item() == 0
+
+    def all_finite_async(self, tensor: Tensor) -> torch.futures.Future[bool]:
+        """`all_finite`, started: the same 4-byte flag, its MAX read back once it arrives."""
+        flag = self.all_reduce_async(_nonfinite_flag(tensor), dist.ReduceOp.MAX)
+        return self.then(flag, lambda bad: self.completed(bad.item() == 0))
+
+    def completed(self, value: T) -> torch.futures.Future[T]:
+        """A future already holding `value`."""
+        future: torch.futures.Future[T] = torch.futures.Future(devices=self.devices)
+        future.set_result(value)
+        return future
+
+    def run(self, stage: Callable[..., T], *args: Any) -> T:
+        """`stage(*args)`, its wall time less its synchronous collectives added to `compute_seconds`."""
+        start, blocked = time.perf_counter(), self._blocked
+        try:
+            return stage(*args)
+        finally:
+            self.compute_seconds += time.perf_counter() - start - (self._blocked - blocked)
+
+    def then(
+        self, future: torch.futures.Future[T], stage: Callable[[T], torch.futures.Future[U]]
+    ) -> torch.futures.Future[U]:
+        """The future of `stage(value)` once `future` has its value; `stage` returns the next future.
+
+        The stage runs where `future` completes (a gloo worker thread, or at once for NCCL, whose futures are
+        complete when launched) and is timed by `run`. An error in `future` or `stage` ends in the result.
+        """
+        result: torch.futures.Future[U] = torch.futures.Future(devices=self.devices)
+
+        def forward(inner: torch.futures.Future[U]) -> None:
+            try:
+                result.set_result(inner.wait())
+            except Exception as error:  # handed on to whoever waits on `result`
+                result.set_exception(error)  # type: ignore[arg-type]  # torch types it as the value
+
+        def start(outer: torch.futures.Future[T]) -> None:
+            try:
+                self.run(stage, outer.wait()).add_done_callback(forward)
+            except Exception as error:  # handed on to whoever waits on `result`
+                result.set_exception(error)  # type: ignore[arg-type]  # torch types it as the value
+
+        future.add_done_callback(start)
+        return result
 
     def synchronize(self, tensor: Tensor) -> None:
         """`synchronize(tensor)` if `sync_timing` is set, else nothing."""
@@ -117,8 +199,15 @@ class Collectives:
         start = time.perf_counter()
         yield
         self.synchronize(tensor)
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self._blocked += seconds
         self.bytes_sent += tensor.numel() * tensor.element_size()
+
+
+def _nonfinite_flag(tensor: Tensor) -> Tensor:
+    """1.0 (float32, one element) if `tensor` holds inf/NaN, else 0.0: what `all_finite` reduces with MAX."""
+    return (~torch.isfinite(tensor)).any().to(torch.float32).reshape(1)
 
 
 class PerParameterState:
