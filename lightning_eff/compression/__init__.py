@@ -19,12 +19,15 @@ from lightning_eff.compression.stats import CompressionStats, Traffic
 from lightning_eff.compression.topk import TopK
 from lightning_eff.compression.transport import BucketLayout, Collectives
 
-COMPRESSORS: dict[str, type[Compressor]] = {
-    cls.name: cls for cls in (Dense, FP16, BF16, PowerSGD, TopK, Int8, Auto, LocalSGD)
-}
+# The per-bucket compressors: what a `CompressionHook` runs and `Auto` may try; `ddp_<name>` strategy names.
+COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (Dense, FP16, BF16, PowerSGD, TopK, Int8, Auto)}
+# Every name ``EfficientDDPStrategy(compression=...)`` takes: the compressors, and LocalSGD, which averages
+# parameters after the optimizer step instead of compressing gradient buckets.
+COMPRESSION_CHOICES: dict[str, type[Compressor]] = {**COMPRESSORS, LocalSGD.name: LocalSGD}
 
 __all__ = [
     "BF16",
+    "COMPRESSION_CHOICES",
     "COMPRESSORS",
     "FP16",
     "Auto",

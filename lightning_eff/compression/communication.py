@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_eff.compression import COMPRESSORS, Compressor
+from lightning_eff.compression import COMPRESSION_CHOICES, Compressor
 from lightning_eff.compression.hooks import CompressionHook
 from lightning_eff.compression.local_sgd import LocalSGD, LocalSGDRun
 from lightning_eff.compression.stats import CompressionStats
@@ -34,8 +34,8 @@ def resolve_compressor(value: Compressor | str | None) -> Compressor | None:
         return value
     if isinstance(value, type):  # the class itself, e.g. compression=PowerSGD
         raise ConfigError("compression", value.__name__, f"is a class; pass an instance, e.g. {value.__name__}()")
-    check_choice("compression", value, tuple(COMPRESSORS))
-    return COMPRESSORS[value]()
+    check_choice("compression", value, tuple(COMPRESSION_CHOICES))
+    return COMPRESSION_CHOICES[value]()
 
 
 class CompressedCommunication:

@@ -80,7 +80,8 @@ class LocalSGDRun:
     The hook wraps `post_localSGD_hook` with ``post_local_gradient_allreduce=False`` (after warm-up no gradient
     is sent at all; torch's default would allreduce within each node, through subgroups sized by CUDA devices)
     and counts the bytes; `after_optimizer_step` runs `PeriodicModelAverager` and closes the step's stats.
-    Both count optimizer steps: DDP calls the hook only on synchronizing backwards.
+    The averager's counter is the one step counter (optimizer steps); DDP calls the hook only on synchronizing
+    backwards, so gradient accumulation's micro-batches do not count.
     """
 
     def __init__(self, local_sgd: LocalSGD, stats: CompressionStats) -> None:
@@ -110,6 +111,9 @@ class LocalSGDRun:
         started = time.perf_counter()
         buffer = bucket.buffer()
         dense = buffer.numel() * buffer.element_size()
+        # One step counter for both: a step without a synchronizing backward (a skipped training_step) still
+        # steps the averager, and the hook must not then allreduce one step past warm-up.
+        state.iter = min(self.step, self.local_sgd.warmup_steps)
         future = post_localSGD_hook(state, bucket)  # asynchronous during warm-up, as DDP's own allreduce
         sent = 0 if self.local else dense
         self.stats.record_bucket(

@@ -172,10 +172,12 @@ def test_bad_arguments_name_the_key() -> None:
         EfficientModelParallelStrategy(compression=LocalSGD())
 
 
-def test_registered_names_build_local_sgd() -> None:
-    strategy = L.Trainer(strategy="ddp_local_sgd", accelerator="cpu", devices=2, logger=False).strategy
-    assert isinstance(strategy, EfficientDDPStrategy) and isinstance(strategy.compressor, LocalSGD)
-    assert EfficientDDPStrategy(compression="local_sgd").local_sgd is not None
+def test_the_name_local_sgd_builds_a_fresh_one() -> None:
+    first, second = EfficientDDPStrategy(compression="local_sgd"), EfficientDDPStrategy(compression="local_sgd")
+    assert first.local_sgd is not None and isinstance(first.compressor, LocalSGD)
+    assert (
+        first.compressor is not second.compressor and repr(first.compressor) == "LocalSGD(period=8, warmup_steps=100)"
+    )
 
 
 def test_warm_up_that_covers_the_run_is_warned_with_its_own_argument() -> None:
