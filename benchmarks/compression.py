@@ -88,7 +88,7 @@ from lightning_eff.tasks import TextDataModule, TinyGPT
 
 NETNS_LINK = REPO / "scripts" / "netns-link"
 LINKS = ("100mbit", "1gbit", "none")
-METHODS = ("ddp", "torch_fp16", "torch_powersgd", "fp16", "bf16", "powersgd", "topk", "int8", "auto")
+METHODS = ("ddp", "torch_fp16", "torch_powersgd", "fp16", "bf16", "powersgd", "topk", "topk_dgc", "int8", "auto")
 PEERS = ("torch_powersgd", "torch_batched_powersgd", "powersgd")
 LABELS = {
     "ddp": "plain DDP",
@@ -97,6 +97,7 @@ LABELS = {
     "bf16": "ours BF16",
     "powersgd": "ours PowerSGD",
     "topk": "ours TopK",
+    "topk_dgc": "ours TopK (DGC)",
     "int8": "ours Int8",
     "auto": "ours Auto",
     "torch_powersgd": "torch powerSGD_hook",
@@ -122,6 +123,8 @@ class Plan:
     powersgd_rank: int
     powersgd_start: int
     topk_ratio: float
+    topk_dgc_ratio: float  # TopK with compact payloads (4 bytes per element sent) and the sparsity warm-up
+    topk_dgc_warmup: int
     auto_probe_steps: int
     loss_steps: int  # final loss: mean over these last steps
     val_windows: int
@@ -149,6 +152,8 @@ FULL = Plan(
     powersgd_rank=4,
     powersgd_start=5,
     topk_ratio=0.01,
+    topk_dgc_ratio=0.009,  # about 110x fewer bytes than dense float32
+    topk_dgc_warmup=8,
     auto_probe_steps=3,
     loss_steps=5,
     val_windows=128,
@@ -175,6 +180,8 @@ QUICK = Plan(
     powersgd_rank=4,
     powersgd_start=3,
     topk_ratio=0.01,
+    topk_dgc_ratio=0.009,
+    topk_dgc_warmup=4,
     auto_probe_steps=2,
     loss_steps=3,
     val_windows=32,
@@ -206,6 +213,7 @@ def compressor(method: str, plan: Plan) -> Compressor:
         "bf16": BF16,
         "powersgd": lambda: powersgd(plan, plan.powersgd_start),
         "topk": lambda: TopK(ratio=plan.topk_ratio),
+        "topk_dgc": lambda: TopK(ratio=plan.topk_dgc_ratio, warmup_steps=plan.topk_dgc_warmup, compact=True),
         "int8": Int8,
         "auto": lambda: Auto(candidate=powersgd(plan, plan.powersgd_start), probe_steps=plan.auto_probe_steps),
     }
@@ -553,6 +561,17 @@ def link_goals(link: str, summaries: dict[str, Any]) -> list[Goal]:
             )
         if goals:
             goals.append(Goal("100 Mbit/s: PowerSGD or TopK meets all three", "", any(goal.met for goal in goals)))
+    dgc = summaries.get("topk_dgc")
+    if dgc is not None and "error" not in dgc:
+        payload = base["payload_bytes_per_step"] / dgc["payload_bytes_per_step"]
+        loss = abs(dgc["final_loss"] / base["final_loss"] - 1)
+        goals.append(
+            Goal(
+                f"{link}: {LABELS['topk_dgc']}: >=100x fewer payload bytes, final loss within 2% of plain DDP",
+                f"payload {payload:.1f}x {verdict(payload >= 100)}; loss {loss * 100:.2f}% {verdict(loss <= 0.02)}",
+                payload >= 100 and loss <= 0.02,
+            )
+        )
     if link == "none" and "auto" in summaries and "error" not in summaries["auto"]:
         slower = summaries["auto"]["median_step_seconds"] / base["median_step_seconds"] - 1
         goals.append(
@@ -780,7 +799,8 @@ def main() -> None:
         f"training: 2 processes (gloo, Lightning DDP, 1 thread each), batch {plan.batch_size}x{plan.seq_len} per rank,"
         f" seed {args.seed}, steps per link {', '.join(f'{k} {plan.steps[k]}' for k in links)}\n"
         f"methods: PowerSGD(rank={plan.powersgd_rank}, start_step={plan.powersgd_start}), "
-        f"TopK(ratio={plan.topk_ratio}), Int8(), FP16(), BF16(), Auto(candidate=PowerSGD(rank={plan.powersgd_rank}, "
+        f"TopK(ratio={plan.topk_ratio}), TopK DGC(ratio={plan.topk_dgc_ratio}, warmup_steps={plan.topk_dgc_warmup}, "
+        f"compact=True), Int8(), FP16(), BF16(), Auto(candidate=PowerSGD(rank={plan.powersgd_rank}, "
         f"start_step={plan.powersgd_start}), probe_steps={plan.auto_probe_steps})\n"
         f"measures: median step time (end to end of rank 0's optimizer steps) over steps {first_step} on, the same for "
         f"every method; payload/step/rank: what one rank contributes to the collectives (ours: CompressionStats; "
