@@ -18,8 +18,12 @@ class Traffic:
     Args:
         bytes_dense: what a plain dense allreduce of the same buckets would have sent.
         bytes_sent: what the compressor actually sent, every collective included (scales, flags, indices).
-        compress_seconds: time inside the hook outside collectives (compressing, decompressing, error feedback).
-        communicate_seconds: time inside collectives.
+        compress_seconds: wall time running the compressor's own code (compressing, decompressing, error
+            feedback), outside synchronous collectives; with an overlapped hook its stages run on whichever thread
+            completed the previous collective, and this is the sum of their spans.
+        communicate_seconds: time in collectives: a synchronous one's duration, an asynchronous one's span from
+            its start to its completion, while the backward pass goes on. Overlapped, the two add up to more than
+            the bucket cost the step: the step time measures what overlap saved.
         nonfinite_buckets: buckets sent dense because a rank had inf/NaN in them.
     """
 
