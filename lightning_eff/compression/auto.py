@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_eff.compression.base import Compressor, Dense
+from lightning_eff.compression.local_sgd import LocalSGD
 from lightning_eff.compression.powersgd import PowerSGD
 from lightning_eff.compression.transport import BucketLayout, Collectives, synchronize
 from lightning_eff.validation import check, check_int, check_number
@@ -62,10 +63,11 @@ class Auto(Compressor):
 
     def __post_init__(self) -> None:
         check(
-            isinstance(self.candidate, Compressor) and not isinstance(self.candidate, Auto),
+            isinstance(self.candidate, Compressor) and not isinstance(self.candidate, (Auto, LocalSGD)),
             "candidate",
             self.candidate,
-            "must be a compressor other than Auto, e.g. PowerSGD(rank=4)",
+            "must be a compressor other than Auto or LocalSGD (which averages parameters, not buckets), e.g. "
+            "PowerSGD(rank=4)",
         )
         check_int("probe_steps", self.probe_steps, 1)
         check_number("margin", self.margin, "must be in [0, 1)", lambda margin: 0 <= margin < 1)

@@ -1,9 +1,9 @@
 """Names for `Trainer(strategy=...)`: `ddp_<compressor>` for every registered compressor, and `ddp_balanced`; `fsdp2`,
 `fsdp2_bf16`, `fsdp2_fp16` and `fsdp2_balanced` for FSDP2 (`EfficientModelParallelStrategy`).
 
-The DDP names follow `lightning_eff.compression.COMPRESSORS`, so a new compressor gets its strategy name without a
-second list; the FSDP2 names cover the compressors that FSDP2's reduce-scatter can run. Each name builds a fresh
-compressor or balancer per Trainer (they hold per-run state).
+The DDP names follow `lightning_eff.compression.COMPRESSION_CHOICES` (the compressors and LocalSGD), so a new
+compressor gets its strategy name without a second list; the FSDP2 names cover the compressors that FSDP2's
+reduce-scatter can run. Each name builds a fresh compressor or balancer per Trainer (they hold per-run state).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_eff.compression import BF16, COMPRESSORS, FP16, Dense
+from lightning_eff.compression import BF16, COMPRESSION_CHOICES, FP16, Dense
 from lightning_eff.strategies.ddp import EfficientDDPStrategy
 from lightning_eff.strategies.model_parallel import EfficientModelParallelStrategy
 
@@ -30,7 +30,7 @@ def register_strategies(registry: Any = StrategyRegistry) -> None:
             balanced,
         ),
     }
-    for name in COMPRESSORS:
+    for name in COMPRESSION_CHOICES:
         if name != Dense.name:
             names[f"ddp_{name}"] = (
                 EfficientDDPStrategy,

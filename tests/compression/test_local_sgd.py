@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_eff import EfficientDDPStrategy
-from lightning_eff.compression import LocalSGD
+from lightning_eff.compression import Auto, LocalSGD
 from lightning_eff.compression.communication import CompressedCommunication
 from lightning_eff.strategies.model_parallel import EfficientModelParallelStrategy
 from lightning_eff.validation import ConfigError
@@ -217,3 +217,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_auto_refuses_local_sgd_as_its_candidate() -> None:
+    with pytest.raises(ConfigError, match=r"^candidate=.*must be a compressor other than Auto or LocalSGD"):
+        Auto(candidate=LocalSGD())

@@ -86,7 +86,9 @@ def test_registered_name_builds_our_strategy(tmp_path: Path) -> None:
     assert ranks[0]["strategy"] == "EfficientDDPStrategy" and ranks[0]["compressor"].startswith("PowerSGD(")
 
 
-@pytest.mark.parametrize("name", ["ddp_fp16", "ddp_bf16", "ddp_powersgd", "ddp_topk", "ddp_int8", "ddp_auto"])
+@pytest.mark.parametrize(
+    "name", ["ddp_fp16", "ddp_bf16", "ddp_powersgd", "ddp_topk", "ddp_int8", "ddp_auto", "ddp_local_sgd"]
+)
 def test_every_registered_name_makes_a_fresh_compressor(name: str) -> None:
     first = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False).strategy
     second = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False).strategy
