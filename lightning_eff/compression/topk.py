@@ -3,7 +3,6 @@ and optionally Deep Gradient Compression's momentum correction, local clipping a
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -56,8 +55,8 @@ class TopK(ErrorFeedback):
         warmup_steps: steps of the sparsity warm-up (0: `ratio` from the first step).
         sample_ratio: share of elements sampled to estimate the threshold, in (0, 1]; None: exact top-k.
         seed: base of the sampling noise.
-        compact: send values as bfloat16 and, in buckets whose parameters all have at most 65536 elements, each
-            index within its parameter as 16 bits: 4 bytes per element sent instead of 8, so twice the density
+        compact: send values as bfloat16 and indices as 16 bits within blocks of at most 65536 elements of each
+            parameter (the top-k is then per block): 4 bytes per element sent instead of 8, so twice the density
             for the same bytes; the bfloat16 rounding error stays in the residual. Off by default (bytes as before).
     """
 
@@ -108,13 +107,14 @@ class TopK(ErrorFeedback):
         for name, view in zip(layout.names, layout.split(corrected), strict=True):
             self._add_residual(name, view)
         corrected = corrected.to(buffer.dtype)
-        index, counts = self._select(corrected, layout, comm.rank, step)
+        index, starts, counts = self._select(corrected, layout, comm.rank, step)
         values = corrected[index]
         wire_values = values.to(torch.bfloat16) if self.compact else values
         entry_offsets = None
-        if self.compact and max(layout.numels) <= 2**16:  # each index within its parameter, as a 16-bit number
-            starts = torch.tensor([0, *itertools.accumulate(layout.numels)][:-1], device=index.device)
-            entry_offsets = starts.repeat_interleave(torch.tensor(counts, device=index.device))
+        if self.compact:  # each index within its block of at most 2**16 elements, as a 16-bit number
+            entry_offsets = torch.tensor(starts, device=index.device).repeat_interleave(
+                torch.tensor(counts, device=index.device)
+            )
             wire_index = (index - entry_offsets - 2**15).to(torch.int16)
         else:
             wire_index = index.to(torch.int32 if corrected.numel() < 2**31 else torch.int64)
@@ -152,22 +152,31 @@ class TopK(ErrorFeedback):
                 view.add_(last, alpha=self.momentum)
         return velocity
 
-    def _select(self, corrected: Tensor, layout: BucketLayout, rank: int, step: int) -> tuple[Tensor, list[int]]:
-        """Bucket indices of what each parameter sends, its top `density` share of |v| (at least one element), and
-        how many each sends (the same on every rank)."""
+    def _select(
+        self, corrected: Tensor, layout: BucketLayout, rank: int, step: int
+    ) -> tuple[Tensor, list[int], list[int]]:
+        """Bucket indices of what is sent: the top `density` share of |v| of each parameter (at least one element),
+        or with `compact` of each block of at most 2**16 elements of it; and each one's start and count (the same
+        on every rank, so a receiver can place 16-bit block-relative indices)."""
         density = self.density(step)
-        offsets = [0, *itertools.accumulate(layout.numels)]
-        chosen, counts = [], []
-        for name, piece, offset in zip(layout.names, corrected.split(layout.numels), offsets, strict=False):
-            k = max(1, math.ceil(density * piece.numel()))
-            counts.append(k)
-            if self.sample_ratio is None:
-                indices = piece.abs().topk(k, sorted=False).indices
-            else:
-                generator = torch.Generator(piece.device).manual_seed(shared_seed(self.seed, name, step, rank))
-                indices = sampled_topk(piece.abs(), k, self.sample_ratio, generator).indices
-            chosen.append(indices + offset)
-        return torch.cat(chosen), counts
+        block_size = 2**16 if self.compact else None
+        chosen, starts, counts = [], [], []
+        offset = 0
+        for name, piece in zip(layout.names, corrected.split(layout.numels), strict=True):
+            blocks = piece.split(block_size) if block_size is not None else (piece,)
+            for number, block in enumerate(blocks):
+                k = max(1, math.ceil(density * block.numel()))
+                if self.sample_ratio is None:
+                    indices = block.abs().topk(k, sorted=False).indices
+                else:
+                    seed = shared_seed(self.seed, name, number, step, rank)
+                    generator = torch.Generator(block.device).manual_seed(seed)
+                    indices = sampled_topk(block.abs(), k, self.sample_ratio, generator).indices
+                chosen.append(indices + offset)
+                starts.append(offset)
+                counts.append(k)
+                offset += block.numel()
+        return torch.cat(chosen), starts, counts
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "velocities": self.velocities.state_dict()}

@@ -94,8 +94,14 @@ def test_compact_sends_four_bytes_per_element_and_keeps_the_rounding_in_the_resi
     residual = torch.cat([compressor.residuals.tensors[name].reshape(-1) for name in ("w", "b")])
     total = sum(torch.cat([t["w"].reshape(-1), t["b"]]) for t in inputs)
     torch.testing.assert_close(sent + residual, total)
-    big = torch.randn(2**16 + 1)  # too long for 16-bit indices: int32 ones, as without compact
-    assert averaged(TopK(ratio=0.01, compact=True), {"big": big})[1].bytes_sent == (2 + 4) * 656 + 4
+    big = torch.randn(2**16 + 10)  # two blocks for 16-bit indices: 65536 elements (656 sent) and 10 (1 sent)
+    out, comm = averaged(TopK(ratio=0.01, compact=True, error_feedback=False), {"big": big})
+    assert comm.bytes_sent == 4 * 657 + 4
+    top = big[: 2**16].abs().topk(656).indices
+    assert torch.equal(out[: 2**16][top], big[: 2**16][top].to(torch.bfloat16).float())
+    assert (
+        int((out[2**16 :] != 0).sum()) == 1 and out[2**16 :].abs().max() == big[2**16 :].abs().max().bfloat16().float()
+    )
 
 
 @pytest.mark.parametrize(
