@@ -23,6 +23,7 @@ whose path is printed first; the namespaces are deleted at the end, also on fail
 Usage:
     python benchmarks/compression.py [--quick] [--links 100mbit,1gbit,none] [--methods ddp,torch_fp16,...]
                                      [--steps N] [--json PATH]
+    python benchmarks/compression.py --int8-cost    # Int8's compute per bucket only, in this process
 """
 
 from __future__ import annotations
@@ -82,7 +83,18 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_eff import EfficientDDPStrategy
-from lightning_eff.compression import BF16, FP16, Auto, CompressionHook, Compressor, Int8, PowerSGD, TopK
+from lightning_eff.compression import (
+    BF16,
+    FP16,
+    Auto,
+    BucketLayout,
+    Collectives,
+    CompressionHook,
+    Compressor,
+    Int8,
+    PowerSGD,
+    TopK,
+)
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.tasks import TextDataModule, TinyGPT
 
@@ -729,6 +741,42 @@ def gpu_overhead(plan: Plan, device: torch.device) -> dict[str, float]:
     return results
 
 
+def int8_cost(plan: Plan, repeats: int = 5) -> dict[str, float]:
+    """Int8's compute per bucket on the CPU, in one process (world size 1, one thread): the first 25 MB bucket of
+    the plan's GPT (parameters in DDP's reverse order) and of the app's small GPT; the median of `repeats` rounds
+    of process CPU time, so neighbours' load moves it less than wall time."""
+    torch.set_num_threads(1)
+    models = {
+        f"GPT d_model {plan.d_model}": TinyGPT(n_layer=plan.n_layer, n_head=plan.n_head, d_model=plan.d_model),
+        "small GPT (the app's)": TinyGPT(n_layer=2, n_head=4, d_model=128, seq_len=128),
+    }
+    seconds = {}
+    for label, model in models.items():
+        bucket, size = [], 0
+        for name, parameter in reversed(list(model.named_parameters())):
+            if bucket and size + parameter.numel() * 4 > 25 * 2**20:
+                break
+            bucket.append((name, parameter.shape))
+            size += parameter.numel() * 4
+        layout = BucketLayout(tuple(name for name, _ in bucket), tuple(shape for _, shape in bucket))
+        gradient = torch.randn(sum(layout.numels), generator=torch.Generator().manual_seed(0))
+        buffer, compressor, rounds = gradient.clone(), Int8(), []
+        compressor.compressed_mean(buffer, layout, Collectives(), 0)
+        steps = max(3, int(2e7 // gradient.numel()))
+        for _ in range(repeats):
+            start = time.process_time()
+            for step in range(steps):
+                compressor.compressed_mean(buffer.copy_(gradient), layout, Collectives(), step + 1)
+            rounds.append((time.process_time() - start) / steps)
+        seconds[f"{label}, {gradient.numel():,} elements"] = statistics.median(rounds)
+    print_table(
+        "Int8 compute per bucket (CPU, one thread, process time)",
+        ["bucket", "ms"],
+        [[label, f"{value * 1e3:.2f}"] for label, value in seconds.items()],
+    )
+    return seconds
+
+
 def run_gpu(plan: Plan) -> dict[str, Any]:
     if not torch.cuda.is_available():
         print("\ngpu: skipped: no CUDA device")
@@ -763,6 +811,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per method on every link (default: per link)")
     parser.add_argument("--no-peer-check", action="store_true", help="skip the torch PowerSGD hook check")
     parser.add_argument("--peer-check-only", action="store_true", help="run only the torch PowerSGD hook check")
+    parser.add_argument("--int8-cost", action="store_true", help="only Int8's compute per bucket (no root needed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="write the results here as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -776,6 +825,9 @@ def main() -> None:
         return
 
     plan = QUICK if args.quick else FULL
+    if args.int8_cost:
+        int8_cost(plan)
+        return
     links = parse_choices(args.links, LINKS, "--links", parser) if args.links else list(plan.links)
     methods = parse_choices(args.methods, METHODS, "--methods", parser) if args.methods else list(plan.methods)
     if "ddp" not in methods:
