@@ -32,14 +32,18 @@ class TopK(ErrorFeedback):
       v += u, sends the top-k of v, and zeroes u and v where it sent (momentum-factor masking). The momentum then
       lives here, so the optimizer should have none: plain SGD (``momentum=0``), as in the paper. With AdamW, whose
       first moment is a momentum already, keep ``momentum=0`` (what `conf/compression/topk.yaml` does): plain error
-      feedback, v += g. Measured on the small GPT: see the README's compression rows.
+      feedback, v += g. Measured on the small GPT (AdamW, 300 steps, 0.9% compact): test loss 2.19 with 0, 2.34
+      with 0.9, dense 1.59. Top-k falls behind dense under Adam in any case: Adam divides by the RMS of each
+      coordinate's gradient stream, and for a coordinate sent once in T steps that is about sqrt(T) times its mean,
+      so its steps shrink by about sqrt(T).
     - local clipping (`clip_norm`): each parameter's local gradient is clipped to norm clip_norm / sqrt(world_size)
       before it is accumulated, so the sum over ranks stays within about clip_norm. Per parameter because DDP hands
       buckets over one at a time (no global norm exists yet when the first is sent) and to stay bucket-independent.
     - sparsity warm-up (`warmup_steps`): densities 0.25, 0.0625, ... each for an equal part of the first
       `warmup_steps` steps, then `ratio` (`dgc.warmup_density`); the step is the hook's, which it saves and restores.
     - sampled threshold (`sample_ratio`): the top-k is found from a threshold estimated on a random sample of |v|,
-      then corrected to exactly k (`dgc.sampled_topk`), instead of a top-k over every element.
+      then corrected to exactly k (`dgc.sampled_topk`), instead of a top-k over every element; for gradients of
+      1M elements or more (`dgc.MIN_SAMPLED_NUMEL`), below which an exact top-k costs as little on the CPU.
 
     Defaults keep the plain top-k of before (no momentum, no clipping, no warm-up), whose byte counts and error
     feedback identity (sent + residual = input) tests and users rely on; the sampled threshold is on by default
