@@ -269,3 +269,23 @@ def test_single_process_async_form_equals_the_synchronous_one() -> None:
             result = overlapped.allreduce_mean_async(buffer.clone(), layout, comm, step)
             assert result.done() and torch.equal(result.wait(), expected)
             assert comm.bytes_sent > 0
+
+
+def test_async_powersgd_sends_a_nonfinite_bucket_dense_after_the_flag_and_keeps_its_state() -> None:
+    layout = BucketLayout(("w", "b"), (torch.Size([32, 16]), torch.Size([16])))
+    compressor = PowerSGD(rank=2, start_step=2)
+    for step in range(3):
+        compressor.allreduce_mean(torch.randn(32 * 16 + 16), layout, Collectives(), step)
+    before = compressor.state_dict()
+    bad = torch.randn(32 * 16 + 16)
+    bad[5] = float("nan")
+    comm = Collectives()
+    result = compressor.allreduce_mean_async(bad.clone(), layout, comm, 3).wait()
+    assert comm.nonfinite and torch.equal(bits(result), bits(bad))  # the dense average of one rank
+    assert comm.bytes_sent == 4 + 4 * (32 * 16 + 16)  # the flag, then the bucket dense
+    after = compressor.state_dict()
+    for key in ("residuals", "q"):
+        assert all(torch.equal(after[key][k], before[key][k]) for k in before[key])
+    comm = Collectives()
+    compressor.allreduce_mean_async(torch.randn(32 * 16 + 16), layout, comm, 4).wait()
+    assert not comm.nonfinite and comm.bytes_sent == 4 + 4 * (16 + 32 * 2) + 4 * 16 * 2  # flag; dense + P; Q
