@@ -10,12 +10,15 @@ the same dense warm-up (torch's ``start_powerSGD_iter`` = our ``start_step``), m
 - ``sync``: our hook with ``overlap=False``: every collective waited for inside the hook (the earlier behaviour);
 - ``unguarded``: ``overlap`` without the non-finite check (its 4-byte MAX allreduce per bucket), to price it.
 
-Jobs run one after another in rounds, the order reversed every other round, so drift and neighbours' load hit
-all methods alike; per method the median step time over every round's measured steps is printed, with the
-ratio to torch's. Needs root (network namespaces) and iproute2.
+Jobs run one after another in rounds, the order reversed every other round; per method the median step time
+over every round's measured steps is printed, with the ratio to torch's. On a machine whose neighbours' load
+changes from minute to minute, jobs land in different load phases; ``--interleave`` instead trains one model per
+method in the same 2 processes (plain DDP, no Lightning), one step of each in turn (the order reversed every
+step, a barrier before each), so every method sees the same load, step by step. Needs root (network
+namespaces) and iproute2.
 
 Usage:
-    python benchmarks/overlap.py [--links none,100mbit] [--rounds 2] [--steps 20] [--json PATH]
+    python benchmarks/overlap.py [--links none,100mbit] [--rounds 2] [--steps 20] [--interleave] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from compression import (
     FULL,
     NETNS_LINK,
@@ -65,6 +73,7 @@ from harness import (
     write_json,
 )
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_eff.compression import CompressionHook, CompressionStats, PowerSGD
 from lightning_eff.distributed import destroy_process_group_at_exit
@@ -139,6 +148,93 @@ def worker(job: Job) -> None:
         "val_loss": validation_loss(model, data, plan.val_windows),
     }
     Path(job.result_path).write_text(json.dumps(result))
+
+
+def interleaved_rank(rank: int, methods: list[str], steps: int, seed: int, result_path: str) -> None:
+    """One rank of the interleaved run: a TinyGPT per method, one step of each in turn; rank 0 writes seconds."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    plan = FULL
+    runs = {}
+    for method in methods:
+        torch.manual_seed(seed)
+        model = TinyGPT(n_layer=plan.n_layer, n_head=plan.n_head, d_model=plan.d_model, seq_len=plan.seq_len)
+        ddp = DistributedDataParallel(model)
+        if method == "torch":
+            state = PowerSGDState(None, matrix_approximation_rank=plan.powersgd_rank, start_powerSGD_iter=START)
+            ddp.register_comm_hook(state, powerSGD_hook)
+        else:
+            compressor_type = UnguardedPowerSGD if method == "unguarded" else PowerSGD
+            hook = CompressionHook(
+                compressor_type(rank=plan.powersgd_rank, start_step=START), module=model, overlap=method != "sync"
+            )
+            ddp.register_comm_hook(None, hook)
+        runs[method] = (ddp, torch.optim.AdamW(model.parameters(), lr=3e-4))
+    generator = torch.Generator().manual_seed(seed * 10 + rank)
+    seconds: dict[str, list[float]] = {method: [] for method in methods}
+    for step in range(steps):
+        tokens = torch.randint(0, 256, (plan.batch_size, plan.seq_len + 1), generator=generator)
+        for method in methods if step % 2 == 0 else methods[::-1]:
+            ddp, optimizer = runs[method]
+            dist.barrier()
+            start = time.perf_counter()
+            logits = ddp(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds[method].append(time.perf_counter() - start)
+        if rank == 0:
+            Path(result_path).write_text(json.dumps({"steps_done": step + 1, "seconds": seconds}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def interleaved_job(args: dict[str, Any]) -> None:
+    """Both ranks of the interleaved run, started here (inside the namespace)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args["port"]), GLOO_SOCKET_IFNAME="lo")
+    mp.spawn(interleaved_rank, args=(args["methods"], args["steps"], args["seed"], args["result"]), nprocs=2)
+
+
+def run_interleaved(link: str, methods: list[str], steps: int, seed: int, tag: str, port: int) -> dict[str, Any]:
+    name = f"{tag}-{link}"
+    result = Path(f"/tmp/{name}-interleaved.json")
+    job = {"methods": methods, "steps": steps, "seed": seed, "result": str(result), "port": port}
+    with namespace(name, link):
+        measured_mbit = measure_link(name, link)
+        progress(f"{name}: lo measured at {measured_mbit:,.0f} Mbit/s; {steps} interleaved steps of {methods}")
+        command = [str(NETNS_LINK), "exec", name, sys.executable, __file__, "--interleaved-worker", json.dumps(job)]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=560, check=False)
+    if not result.exists():
+        print(f"{link}: interleaved run failed: {completed.stderr[-600:]}")
+        return {"failed": completed.stderr[-2000:]}
+    data = json.loads(result.read_text())
+    if completed.returncode != 0:
+        print(f"{link}: interleaved run stopped after {data['steps_done']} steps: {completed.stderr[-400:]}")
+    first = FIRST_MEASURED
+    medians = {m: statistics.median(v[first:]) for m, v in data["seconds"].items() if len(v) > first}
+    base = medians.get("torch")
+    print_table(
+        f"link {link} (measured {measured_mbit:,.0f} Mbit/s on lo), interleaved: one step of each method in turn, "
+        f"{data['steps_done']} steps, medians over steps {first}..",
+        ["method", "median step ms", "speed vs torch"],
+        [[LABELS[m], f"{v * 1e3:.1f}", f"{base / v:.2f}x" if base else "-"] for m, v in medians.items()],
+    )
+    goals = []
+    if base and "overlap" in medians:
+        goals.append(
+            Goal(
+                f"{link}, interleaved: our overlapped PowerSGD step no slower than torch's powerSGD_hook",
+                f"torch {base * 1e3:.1f} ms, ours {medians['overlap'] * 1e3:.1f} ms ({base / medians['overlap']:.2f}x)",
+                medians["overlap"] <= base,
+            )
+        )
+    return {
+        "measured_mbit": measured_mbit,
+        "seconds": data["seconds"],
+        "medians": medians,
+        "goals": report_goals(*goals),
+    }
 
 
 class Runner(JobRunner):
@@ -254,10 +350,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--interleave", action="store_true", help="one model per method, steps in turn")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(Job(**json.loads(args.worker)))
+        return
+    if args.interleaved_worker:
+        interleaved_job(json.loads(args.interleaved_worker))
         return
     if os.geteuid() != 0:
         sys.exit("overlap.py: needs root to create network namespaces (scripts/netns-link)")
@@ -276,6 +377,13 @@ def main() -> None:
     )
     exit_on_sigterm()
     report: dict[str, Any] = {"command": command, "plan": asdict(plan), "links": {}}
+    if args.interleave:
+        for index, link in enumerate(links):
+            tag = f"leoi{os.getpid()}"
+            report["links"][link] = run_interleaved(link, methods, args.steps, args.seed, tag, 29800 + index)
+            write_json(args.json, report)
+        finish(report, args.json)
+        return
     runner = Runner(plan, args.seed)
     for link in links:
         report["links"][link] = run_link(runner, link, methods, args.rounds, args.steps, f"leov{os.getpid()}")
