@@ -206,8 +206,13 @@ class Collectives:
 
 
 def _nonfinite_flag(tensor: Tensor) -> Tensor:
-    """1.0 (float32, one element) if `tensor` holds inf/NaN, else 0.0: what `all_finite` reduces with MAX."""
-    return (~torch.isfinite(tensor)).any().to(torch.float32).reshape(1)
+    """1.0 (float32, one element) if `tensor` holds inf/NaN, else 0.0: what `all_finite` reduces with MAX.
+
+    Read from the sum, which any inf/NaN makes non-finite: one reduction without a mask (1.3 ms instead of 22 for
+    the 7.3M gradients of the benchmarks' GPT on one CPU thread). A finite tensor whose float32 sum overflows
+    (elements near 1e34) is flagged too, and goes dense: the safe side.
+    """
+    return (~torch.isfinite(tensor.sum(dtype=torch.float32))).to(torch.float32).reshape(1)
 
 
 class PerParameterState:
