@@ -38,6 +38,15 @@ def resolve_compressor(value: Compressor | str | None) -> Compressor | None:
     return COMPRESSION_CHOICES[value]()
 
 
+def gather_from_every_rank(state: Any, world_size: int) -> list[Any]:
+    """Every rank's `state`, in rank order (a collective: every rank calls it); ``[state]`` without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
 class CompressedCommunication:
     """A compressor's comm hook for one DDP run, its per-rank checkpoint state, its metrics and report section."""
 
@@ -65,14 +74,7 @@ class CompressedCommunication:
 
     def gather_state(self, world_size: int) -> list[Any] | None:
         """Every rank's hook state, in rank order (a collective: every rank calls it); None before the hook."""
-        if self.hook is None:
-            return None
-        states: list[Any] = [None] * world_size
-        if dist.is_available() and dist.is_initialized():
-            dist.all_gather_object(states, self.hook.state_dict())
-        else:
-            states = [self.hook.state_dict()]
-        return states
+        return None if self.hook is None else gather_from_every_rank(self.hook.state_dict(), world_size)
 
     def restore_state(self, states: list[Any], rank: int, world_size: int) -> None:
         """Take this rank's state from a checkpoint's list; a list for another world size starts from zero."""
@@ -192,14 +194,7 @@ class LocalSGDCommunication(CompressedCommunication):
         model.register_comm_hook(state=self.run.state, hook=self.run.hook)
 
     def gather_state(self, world_size: int) -> list[Any] | None:
-        if self.run is None:
-            return None
-        states: list[Any] = [None] * world_size
-        if dist.is_available() and dist.is_initialized():
-            dist.all_gather_object(states, self.run.state_dict())
-        else:
-            states = [self.run.state_dict()]
-        return states
+        return None if self.run is None else gather_from_every_rank(self.run.state_dict(), world_size)
 
     def restore_state(self, states: list[Any], rank: int, world_size: int) -> None:
         state = states[rank] if len(states) == world_size else states[0]  # the counters agree across ranks

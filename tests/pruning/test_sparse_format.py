@@ -11,9 +11,9 @@ from torch import nn
 
 from lightning_eff.pruning.masks import unstructured_masks
 from lightning_eff.pruning.sparse_format import (
+    LEGACY_FORMAT,
     load_sparse,
     load_sparse_into,
-    LEGACY_FORMAT,
     pack_bits,
     pack_tensor,
     packed_state_bytes,
@@ -70,7 +70,8 @@ def test_integer_and_dense_tensors_pass_through(tmp_path: Path) -> None:
 
 def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
     torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match=r"is not a lightning_eff\.sparse/2 file \(nor a lightning_eff\.sparse/1 one\)"):
+    expected = r"is not a lightning_eff\.sparse/2 file \(nor a lightning_eff\.sparse/1 one\)"
+    with pytest.raises(ValueError, match=expected):
         load_sparse(tmp_path / "plain.pt")
 
 
