@@ -50,8 +50,9 @@ def gather_from_every_rank(state: Any, world_size: int) -> list[Any]:
 class CompressedCommunication:
     """A compressor's comm hook for one DDP run, its per-rank checkpoint state, its metrics and report section."""
 
-    def __init__(self, compressor: Compressor) -> None:
+    def __init__(self, compressor: Compressor, overlap: bool = False) -> None:
         self.compressor = compressor
+        self.overlap = overlap  # CompressionHook(overlap=...): faster on slow links, not bit-reproducible
         self.stats = CompressionStats()
         self.hook: CompressionHook | None = None
         self._restored_state: dict[str, Any] | None = None  # loaded before the hook exists
@@ -66,7 +67,9 @@ class CompressedCommunication:
 
     def register(self, model: DistributedDataParallel, sync_timing: bool) -> None:
         """Register the hook on `model`, with this rank's restored state if a checkpoint was loaded first."""
-        self.hook = CompressionHook(self.compressor, self.stats, module=model.module, sync_timing=sync_timing)
+        self.hook = CompressionHook(
+            self.compressor, self.stats, module=model.module, sync_timing=sync_timing, overlap=self.overlap
+        )
         if self._restored_state is not None:
             self.hook.load_state_dict(self._restored_state)
             self._restored_state = None
@@ -154,11 +157,12 @@ class CompressedCommunication:
         return ReportSection(name="communication", summary=summary)
 
 
-def make_communication(compressor: Compressor) -> CompressedCommunication:
-    """What `EfficientDDPStrategy` runs for `compressor`: `LocalSGDCommunication` for `LocalSGD`, else a comm hook."""
+def make_communication(compressor: Compressor, overlap: bool = False) -> CompressedCommunication:
+    """What `EfficientDDPStrategy` runs for `compressor`: `LocalSGDCommunication` for `LocalSGD`, else a comm hook
+    (overlapped with the backward pass when `overlap`)."""
     if isinstance(compressor, LocalSGD):
         return LocalSGDCommunication(compressor)
-    return CompressedCommunication(compressor)
+    return CompressedCommunication(compressor, overlap=overlap)
 
 
 class LocalSGDCommunication(CompressedCommunication):

@@ -26,7 +26,7 @@ class CompressionHook:
     DDP calls it once per bucket per synchronizing backward (never inside `no_sync`), so `step` counts optimizer
     steps under gradient accumulation.
 
-    Overlap (`overlap=True`, the default): for a compressor with an asynchronous form (`Dense`, `FP16`, `BF16`,
+    Overlap (`overlap=True`; off by default): for a compressor with an asynchronous form (`Dense`, `FP16`, `BF16`,
     `PowerSGD`) the hook starts the bucket and returns its future, so the backward pass goes on while the bucket
     travels; later stages (PowerSGD's orthogonalization and Q) run where the previous collective completes.
     Buckets run one after another: a bucket starts once the previous one is done. Every rank then issues the
@@ -35,7 +35,12 @@ class CompressionHook:
     between ranks. The last bucket's call waits until every bucket is done (the backward pass has nothing left
     to compute then), closes the step's stats and warns about non-finite buckets there, so nothing is in flight
     when DDP, or the training step, issues a collective of its own. Other compressors run synchronously inside
-    the hook, as with `overlap=False`.
+    the hook, as with `overlap=False`. It is off by default because it costs bit-reproducibility on the CPU: the
+    later stages' matrix products then run on gloo's threads beside the backward pass, and how many threads a
+    product gets there depends on the load, which changes the order of its sums. Measured: three concurrent runs
+    of the same seeded PowerSGD job ended with different weights with overlap on, identical ones with it off, and
+    a killed-and-resumed run no longer matched the uninterrupted one. Turn it on where speed on a slow link
+    matters more than bit-exact runs and resumes (`EfficientDDPStrategy(compression_overlap=True)`).
 
     Compressor state is keyed by parameter name. Pass the wrapped `module` so names are the module's own; without
     it, parameters are numbered in the order the hook first sees them, which is stable across a resume only if the
@@ -46,7 +51,7 @@ class CompressionHook:
         stats: where bytes and seconds are counted (a new `CompressionStats` if None).
         module: the module DDP wraps (``ddp_model.module``), for parameter names.
         sync_timing: synchronize CUDA around collectives so `stats` seconds are real (costs overlap).
-        overlap: return the compressor's future rather than waiting for it inside the hook.
+        overlap: return the compressor's future rather than waiting for it inside the hook (see above).
 
     Example::
 
@@ -63,7 +68,7 @@ class CompressionHook:
         stats: CompressionStats | None = None,
         module: torch.nn.Module | None = None,
         sync_timing: bool = False,
-        overlap: bool = True,
+        overlap: bool = False,
     ) -> None:
         self.compressor = compressor
         self.stats = stats if stats is not None else CompressionStats()

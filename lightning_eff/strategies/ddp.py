@@ -21,7 +21,7 @@ from lightning_eff.compression.communication import (
 )
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.strategies.hooks import EfficientStrategyHooks, resolve_balancer
-from lightning_eff.validation import ConfigError
+from lightning_eff.validation import ConfigError, check_bool
 
 
 class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
@@ -45,6 +45,9 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
             for plain DDP.
         balancer: a `ThroughputBalancer` or `CostBalancer` (``"throughput"`` for a default one), or None for
             equal shares.
+        compression_overlap: overlap the compressor's collectives with the backward pass (Dense, FP16, BF16,
+            PowerSGD; `CompressionHook`): faster on slow links, but results are no longer bit-reproducible on
+            the CPU under load, nor resumes bit-exact. Off by default.
         **kwargs: everything `DDPStrategy` takes (``process_group_backend``, ``find_unused_parameters``, ...).
 
     Example::
@@ -61,6 +64,7 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
         self,
         compression: Compressor | str | None = None,
         balancer: ThroughputBalancer | CostBalancer | str | None = None,
+        compression_overlap: bool = False,
         **kwargs: Any,
     ) -> None:
         if compression is not None and kwargs.get("ddp_comm_hook") is not None:
@@ -68,7 +72,10 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
         self.compressor = resolve_compressor(compression)
         self.balancer = resolve_balancer(balancer)
         super().__init__(**kwargs)
-        self.communication = make_communication(self.compressor) if self.compressor is not None else None
+        check_bool("compression_overlap", compression_overlap)
+        self.communication = (
+            make_communication(self.compressor, overlap=compression_overlap) if self.compressor is not None else None
+        )
 
     @override
     def setup_distributed(self) -> None:

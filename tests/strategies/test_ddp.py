@@ -143,3 +143,12 @@ def test_app_refuses_compression_with_one_process(tmp_path: Path) -> None:
     assert (
         "compression._target_=lightning_eff.compression.FP16: compresses gradients between processes" in result.stderr
     )
+
+
+def test_compression_overlap_is_opt_in_and_validated() -> None:
+    # Overlap costs bit-reproducibility on the CPU under load (CompressionHook's docstring), so it is off unless asked.
+    assert EfficientDDPStrategy(compression="powersgd").communication.overlap is False  # type: ignore[union-attr]
+    overlapped = EfficientDDPStrategy(compression="powersgd", compression_overlap=True)
+    assert overlapped.communication.overlap is True  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"^compression_overlap=yes: must be"):
+        EfficientDDPStrategy(compression="powersgd", compression_overlap="yes")  # type: ignore[arg-type]
