@@ -36,8 +36,8 @@ class CompressionHook:
     to compute then), closes the step's stats and warns about non-finite buckets there, so nothing is in flight
     when DDP, or the training step, issues a collective of its own. Other compressors run synchronously inside
     the hook, as with `overlap=False`. It is off by default because it costs bit-reproducibility on the CPU: the
-    later stages' matrix products then run on gloo's threads beside the backward pass, and how many threads a
-    product gets there depends on the load, which changes the order of its sums. Measured: three concurrent runs
+    later stages' matrix products then run on gloo's threads beside the backward pass, where (likely) the thread
+    split of a product, and so the order of its sums, follows the load. Measured: three concurrent runs
     of the same seeded PowerSGD job ended with different weights with overlap on, identical ones with it off, and
     a killed-and-resumed run no longer matched the uninterrupted one. Turn it on where speed on a slow link
     matters more than bit-exact runs and resumes (`EfficientDDPStrategy(compression_overlap=True)`).
