@@ -24,18 +24,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from compression import NETNS_LINK, namespace
 from harness import (
-    REPO,
     JobRunner,
     Launch,
     StepRecorder,
@@ -60,7 +59,6 @@ from lightning_eff.compression import LocalSGD
 from lightning_eff.distributed import destroy_process_group_at_exit
 from lightning_eff.tasks import TextDataModule, TinyGPT
 
-NETNS_LINK = REPO / "scripts" / "netns-link"
 LINKS = ("none", "1gbit", "100mbit")
 STARTUP_SECONDS = 240  # a job must finish its first step within this (imports, rendezvous)
 STALL_SECONDS = 120  # a job with no finished step for this long is killed
@@ -148,18 +146,20 @@ def summarise(result: dict[str, Any], first_step: int, loss_steps: int) -> dict[
 
 
 @contextmanager
-def namespace(name: str, rate: str) -> Iterator[list[str]]:
-    """A network namespace with lo limited to `rate` (the exec prefix), deleted on the way out."""
-    try:
-        subprocess.run([str(NETNS_LINK), "up", name, rate], check=True, stdout=subprocess.DEVNULL)
+def link_prefix(link: str) -> Iterator[list[str]]:
+    """The command prefix that runs a job over `link`: none for unlimited loopback, else a rate-limited namespace
+    (`compression.namespace`, deleted on the way out)."""
+    if link == "none":
+        yield []
+        return
+    name = f"lesgd{os.getpid()}-{link}"
+    with namespace(name, link):
         yield [str(NETNS_LINK), "exec", name]
-    finally:
-        subprocess.run([str(NETNS_LINK), "down", name], check=False, stderr=subprocess.DEVNULL)
 
 
 def run_link(runner: JobRunner, link: str, jobs: Sequence[Job], first_step: int, loss_steps: int) -> dict[str, Any]:
     """Every method on one link, one job after another; the table, and the summaries by method."""
-    context = nullcontext([]) if link == "none" else namespace(f"lesgd{os.getpid()}-{link}", link)
+    context = link_prefix(link)
     summaries: dict[str, Any] = {}
     port = 29600
     with context as prefix:
