@@ -19,5 +19,9 @@ def batches_done_this_epoch(trainer: L.Trainer | None) -> int:
         return 0
     # `processed` counts batches whose optimizer step ran, also when the checkpoint was written in
     # on_train_batch_end (before Lightning marks the batch `completed`).
-    processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.is_last_batch:  # written at the epoch's end: the next epoch starts from its first batch
+        return 0
+    processed = progress.current.processed  # type: ignore[attr-defined]
+    # num_training_batches is still inf while the loader is built, and does not know limit_train_batches yet
     return processed if processed < trainer.num_training_batches else 0

@@ -8,6 +8,8 @@ measurement. Measured:
   optimizer step, and on CPU the CPU time gloo's threads spend after the last gradient (see `finish_step`);
 - the part that grows with the batch: forward, and backward up to this rank's last gradient (after it, DDP
   waits for the allreduce of the last buckets, which on a fast rank is mostly waiting for the slow one).
+  A compression hook runs its collectives synchronously inside backward, for every bucket but the last before
+  the last gradient; it reports them through `waiting`, and they are left out like FSDP2's.
   Under FSDP2 the collectives run inside forward and backward (each block's all-gather and reduce-scatter);
   their time, reported through `waiting`, is left out of both.
 
@@ -62,6 +64,7 @@ class StepTimer:
         self._closure_seconds = 0.0  # forward and backward wall time inside the running optimizer step
         self._grad_ready = 0.0  # when this rank's latest gradient was accumulated
         self._grad_ready_cpu = (0.0, 0.0)  # and this thread's and this process's CPU time then
+        self._grad_ready_waited = 0.0  # and `_waited` then
         self._in_training_step = False
         self._nested = (0.0, 0.0, 0.0)  # wall, thread CPU and waiting of backward/optimizer steps in training_step
         self._waited = 0.0  # seconds blocked in collectives inside forward and backward (FSDP2's), ever
@@ -124,8 +127,8 @@ class StepTimer:
         started_cpu, waited = time.thread_time(), self._waited
         yield
         ended, ended_cpu = time.perf_counter(), time.process_time()
-        if self._grad_ready > started:
-            self._busy_seconds += self._grad_ready - started
+        if self._grad_ready > started:  # a compression hook's collectives before the last gradient: waiting
+            self._busy_seconds += self._grad_ready - started - (self._grad_ready_waited - waited)
             self._busy_cpu += self._grad_ready_cpu[0] - started_cpu
             self._tail_cpu += ended_cpu - self._grad_ready_cpu[1]
         else:
@@ -192,5 +195,6 @@ class StepTimer:
         def ready(_: torch.Tensor) -> None:
             self._grad_ready = time.perf_counter()
             self._grad_ready_cpu = (time.thread_time(), time.process_time())  # the autograd thread, on CPU
+            self._grad_ready_waited = self._waited
 
         self._grad_hooks = [p.register_post_accumulate_grad_hook(ready) for p in parameters if p.requires_grad]

@@ -7,6 +7,8 @@ hands each rank its own back on resume, logs what each step sent and reports the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning as L
@@ -65,10 +67,21 @@ class CompressedCommunication:
         """Whether the compressor is in place (its hook registered), so there is traffic to log and report."""
         return self.hook is not None
 
-    def register(self, model: DistributedDataParallel, sync_timing: bool) -> None:
-        """Register the hook on `model`, with this rank's restored state if a checkpoint was loaded first."""
+    def register(
+        self,
+        model: DistributedDataParallel,
+        sync_timing: bool,
+        waiting: Callable[[], AbstractContextManager[object]] | None = None,
+    ) -> None:
+        """Register the hook on `model`, with this rank's restored state if a checkpoint was loaded first;
+        `waiting`: see `CompressionHook`."""
         self.hook = CompressionHook(
-            self.compressor, self.stats, module=model.module, sync_timing=sync_timing, overlap=self.overlap
+            self.compressor,
+            self.stats,
+            module=model.module,
+            sync_timing=sync_timing,
+            overlap=self.overlap,
+            waiting=waiting,
         )
         if self._restored_state is not None:
             self.hook.load_state_dict(self._restored_state)
@@ -186,8 +199,14 @@ class LocalSGDCommunication(CompressedCommunication):
     def registered(self) -> bool:
         return self.run is not None
 
-    def register(self, model: DistributedDataParallel, sync_timing: bool) -> None:
-        """Register torch's post-local SGD hook (counted) on `model` and build the averager."""
+    def register(
+        self,
+        model: DistributedDataParallel,
+        sync_timing: bool,
+        waiting: Callable[[], AbstractContextManager[object]] | None = None,
+    ) -> None:
+        """Register torch's post-local SGD hook (counted) on `model` and build the averager. `waiting` is unused:
+        torch's hook returns its allreduce's future, so backward never blocks in it."""
         self.run = LocalSGDRun(self.local_sgd, self.stats)
         if self._replica is not None:  # DDP's constructor broadcast rank 0's parameters over this rank's own
             model.module.load_state_dict(self._replica, strict=getattr(model.module, "strict_loading", True))

@@ -5,6 +5,8 @@ No `from __future__ import annotations` here: DDP's `register_comm_hook` compare
 """
 
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -52,6 +54,8 @@ class CompressionHook:
         module: the module DDP wraps (``ddp_model.module``), for parameter names.
         sync_timing: synchronize CUDA around collectives so `stats` seconds are real (costs overlap).
         overlap: return the compressor's future rather than waiting for it inside the hook (see above).
+        waiting: what each synchronous collective runs inside (`Collectives`); the balancer passes its timer's,
+            so a fast rank's wait for a slow one inside backward is not measured as its own work.
 
     Example::
 
@@ -69,8 +73,10 @@ class CompressionHook:
         module: torch.nn.Module | None = None,
         sync_timing: bool = False,
         overlap: bool = False,
+        waiting: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
         self.compressor = compressor
+        self.waiting = waiting
         self.stats = stats if stats is not None else CompressionStats()
         self.sync_timing = sync_timing
         self.overlap = overlap
@@ -86,7 +92,7 @@ class CompressionHook:
 
     def __call__(self, state: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         buffer = bucket.buffer()
-        comm = Collectives(state, sync_timing=self.sync_timing, device=buffer.device)
+        comm = Collectives(state, sync_timing=self.sync_timing, device=buffer.device, waiting=self.waiting)
         layout, step, compressor = self._layout(bucket), self.step, self.compressor
         averaged: torch.futures.Future[Tensor]
         if self.overlap:

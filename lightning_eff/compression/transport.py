@@ -15,7 +15,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -77,12 +77,19 @@ class Collectives:
         group: the process group (None: the default group).
         sync_timing: synchronize the device around each collective, so seconds on CUDA are real, not launch times.
         device: the device of the bucket, which the asynchronous forms' futures name when it is CUDA.
+        waiting: a context manager factory each synchronous collective runs inside (the balancer's
+            `StepTimer.waiting`): inside backward, a fast rank blocks there for a slow one, which is not its work.
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None = None, sync_timing: bool = False, device: torch.device | None = None
+        self,
+        group: dist.ProcessGroup | None = None,
+        sync_timing: bool = False,
+        device: torch.device | None = None,
+        waiting: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
         self.group = group
+        self.waiting = waiting
         self.devices: list[int | str | torch.device] | None = (
             [device] if device is not None and device.type == "cuda" else None
         )
@@ -197,8 +204,9 @@ class Collectives:
     def _counted(self, tensor: Tensor) -> Iterator[None]:
         self.synchronize(tensor)
         start = time.perf_counter()
-        yield
-        self.synchronize(tensor)
+        with self.waiting() if self.waiting is not None else nullcontext():
+            yield
+            self.synchronize(tensor)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self._blocked += seconds

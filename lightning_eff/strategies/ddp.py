@@ -118,7 +118,8 @@ class EfficientDDPStrategy(EfficientStrategyHooks, DDPStrategy):
             super()._register_ddp_hooks()  # plain DDP keeps torch's overlapped allreduce
             return
         assert isinstance(self.model, DistributedDataParallel)
-        self.communication.register(self.model, sync_timing=self.root_device.type == "cuda")
+        waiting = self.balancing.timer.waiting if self.balancing is not None else None  # not the balancer's work
+        self.communication.register(self.model, sync_timing=self.root_device.type == "cuda", waiting=waiting)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:

@@ -2,11 +2,13 @@
 
 `python -m tests.balancing.ddp_worker train OUT DEVICES SIZES COMPRESSION MAX_STEPS CKPT`: train with the
 per-rank batch sizes SIZES (`96,32`, or `equal` for the balancer's own plan), COMPRESSION `none` or `powersgd`,
-from checkpoint CKPT or `-`; writes `OUT/rank<N>.json` (batch sizes seen, parameters, loss weight,
-compression ratio, plan) and checkpoints every 10 steps under `OUT/ckpt`.
+from checkpoint CKPT or `-`; writes `OUT/rank<N>.json` (batch sizes and epochs seen, parameters, loss weight,
+compression ratio, plan) and checkpoints every 10 steps under `OUT/ckpt` (with `--epoch-steps N`: epochs cut to
+N batches, a checkpoint at each epoch's end).
 
-`python -m tests.balancing.ddp_worker measure OUT`: 2 ranks, rank 1 slowed down; writes `OUT/rank<N>.json` with
-the balancer's state and the number of gradient-timing hooks left after the run.
+`python -m tests.balancing.ddp_worker measure OUT [COMPRESSION]`: 2 ranks, rank 1 slowed down, COMPRESSION `none`
+or `fp16` (then with small buckets, so the comm hook runs, and blocks, inside backward); writes `OUT/rank<N>.json`
+with the balancer's state and the number of gradient-timing hooks left after the run.
 """
 
 from __future__ import annotations
@@ -31,18 +33,22 @@ QUIET: dict[str, Any] = {"logger": False, "enable_progress_bar": False, "enable_
 
 
 class Record(Callback):
-    """The size of every training batch this rank saw."""
+    """The size, and the epoch, of every training batch this rank saw."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.epochs: list[int] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
     ) -> None:
         self.sizes.append(len(batch[0]))
+        self.epochs.append(trainer.current_epoch)
 
 
-def train(out: str, devices: int, sizes: str, compression: str, max_steps: int, ckpt: str) -> dict[str, Any]:
+def train(
+    out: str, devices: int, sizes: str, compression: str, max_steps: int, ckpt: str, epoch_steps: int | None = None
+) -> dict[str, Any]:
     balancer = ThroughputBalancer(replan_every=10**9)
     if sizes != "equal":
         plan = [int(size) for size in sizes.split(",")]
@@ -51,15 +57,23 @@ def train(out: str, devices: int, sizes: str, compression: str, max_steps: int, 
     strategy = EfficientDDPStrategy(balancer=balancer, compression=compressor)
     L.seed_everything(0, verbose=False)
     record = Record()
-    saver = ModelCheckpoint(dirpath=out + "/ckpt", save_top_k=-1, every_n_train_steps=10, filename="{step}")
+    every = epoch_steps or 10
+    saver = ModelCheckpoint(dirpath=out + "/ckpt", save_top_k=-1, every_n_train_steps=every, filename="{step}")
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, callbacks=[record, saver], **QUIET
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=[record, saver],
+        limit_train_batches=epoch_steps,
+        **QUIET,
     )
     model = DigitsMLP(hidden_sizes=[32])
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=128 // devices), ckpt_path=None if ckpt == "-" else ckpt)
     assert strategy.balancer is not None
     result = {
         "sizes": record.sizes,
+        "epochs": record.epochs,
         "params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
         "weight": strategy.balancing.loss_weight if strategy.balancing is not None else None,
         "ratio": strategy.compression_stats.total.ratio,
@@ -83,9 +97,12 @@ class SlowRank1(DigitsMLP):
             time.sleep(0.05)
 
 
-def measure(out: str) -> dict[str, Any]:
+def measure(out: str, compression: str) -> dict[str, Any]:
     balancer = ThroughputBalancer(replan_every=5, smoothing=0.0, tolerance=0.0)
-    strategy = EfficientDDPStrategy(balancer=balancer)
+    if compression == "none":
+        strategy = EfficientDDPStrategy(balancer=balancer)
+    else:  # 1 kB buckets: the hook of the first ones waits for rank 1 while this rank's backward is not done
+        strategy = EfficientDDPStrategy(balancer=balancer, compression=compression, bucket_cap_mb=0.001)
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=11, enable_checkpointing=False, **QUIET
@@ -110,13 +127,15 @@ def main() -> None:
     run.add_argument("compression", choices=["none", "powersgd"])
     run.add_argument("max_steps", type=int)
     run.add_argument("ckpt", help="checkpoint to resume from, or -")
+    run.add_argument("--epoch-steps", type=int, default=None, help="limit_train_batches; checkpoints at epoch ends")
     slow = commands.add_parser("measure", help="2 ranks, rank 1 slow: what the balancer measures")
     slow.add_argument("out", help="directory for rank<N>.json")
+    slow.add_argument("compression", nargs="?", default="none", choices=["none", "fp16"])
     args = parser.parse_args()
     if args.command == "train":
-        train(args.out, args.devices, args.sizes, args.compression, args.max_steps, args.ckpt)
+        train(args.out, args.devices, args.sizes, args.compression, args.max_steps, args.ckpt, args.epoch_steps)
     else:
-        measure(args.out)
+        measure(args.out, args.compression)
 
 
 if __name__ == "__main__":

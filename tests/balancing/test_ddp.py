@@ -14,10 +14,19 @@ from tests.workers import run_worker
 pytestmark = pytest.mark.slow
 
 
-def run(tmp_path: Path, devices: int, sizes: str, compression: str = "none", steps: int = 25, ckpt: str = "-"):
+def run(
+    tmp_path: Path,
+    devices: int,
+    sizes: str,
+    compression: str = "none",
+    steps: int = 25,
+    ckpt: str = "-",
+    epoch_steps: int | None = None,
+):
     """`tests.balancing.ddp_worker train` on `devices` processes; what each rank recorded."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     args = ["train", str(tmp_path), str(devices), sizes, compression, str(steps), ckpt]
+    args += [f"--epoch-steps={epoch_steps}"] if epoch_steps is not None else []
     result = run_worker(ddp_worker, args, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(devices)]
@@ -56,8 +65,20 @@ def test_shares_are_restored_on_resume(tmp_path: Path) -> None:
     assert resumed[0]["sizes"][:2] == [96, 96] and resumed[1]["sizes"][:2] == [32, 32]
 
 
-def test_measured_work_excludes_waiting_for_the_slow_rank(tmp_path: Path) -> None:
-    result = run_worker(ddp_worker, ["measure", str(tmp_path)], cwd=tmp_path, timeout=300)
+def test_a_resume_from_an_epoch_end_trains_whole_epochs_when_epochs_are_cut(tmp_path: Path) -> None:
+    # 10 global batches an epoch, cut to 8 (limit_train_batches); the checkpoint is the first epoch's last step.
+    # The sampler must start the next epoch from its first batch, not skip the 8 batches the last one trained.
+    run(tmp_path / "first", 2, "96,32", steps=8, epoch_steps=8)
+    checkpoint = tmp_path / "first" / "ckpt" / "step=8.ckpt"
+    resumed = run(tmp_path / "resumed", 2, "equal", steps=24, ckpt=str(checkpoint), epoch_steps=8)
+    assert resumed[0]["epochs"] == [1] * 8 + [2] * 8
+    assert resumed[0]["sizes"] == [96] * 16 and resumed[1]["sizes"] == [32] * 16
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_measured_work_excludes_waiting_for_the_slow_rank(tmp_path: Path, compression: str) -> None:
+    # with a compressor, the comm hook's collectives run inside backward: their waiting must not count either
+    result = run_worker(ddp_worker, ["measure", str(tmp_path), compression], cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     state = ranks[0]["state"]
