@@ -16,6 +16,7 @@ from lightning_eff.validation import ConfigError, check, check_fraction, check_i
 
 COSTS = ("tokens", "samples")
 PLAN_MEMORY = 10  # re-plan windows for which a plan's measured step time is remembered
+CHANGE = 0.2  # two windows in a row this far (relative) from a rank's estimate, on the same side: a new speed
 OUTLIER = 3.0  # a step longer than this many times the window's median (validation, a checkpoint) is left out
 
 
@@ -67,6 +68,11 @@ class ThroughputBalancer:
     each plan achieved is remembered for a few windows, and a proposal that ran slower than another remembered
     plan gives way to that plan (`prefer_measured`): the measured step time is what a plan is for.
 
+    The moving average keeps the plan from following noise, but it would take many windows to follow a rank that
+    really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a
+    rank more than 20% away from its estimate on the same side, the estimate is reset to their mean
+    (`follow_change`), so the plan follows within two re-plans.
+
     Args:
         replan_every: optimizer steps between re-plans.
         smoothing: weight of the previous estimates in the moving average, in [0, 1).
@@ -102,6 +108,7 @@ class ThroughputBalancer:
         self.speeds: list[float] = []  # per rank: samples/s of the work that grows with the batch
         self.fixed_seconds: list[float] = []  # per rank: seconds per step of the work that does not
         self.history: list[dict[str, Any]] = []
+        self._last_measured: tuple[list[float], list[float]] | None = None  # the last window's speeds and fixed
         self._steps = 0
         self._samples = 0
         self._busy_seconds = 0.0
@@ -188,9 +195,19 @@ class ThroughputBalancer:
         fresh = len(self.speeds) != world or len(self.fixed_seconds) != world
         previous_speeds = [None] * world if fresh else self.speeds
         previous_fixed = [None] * world if fresh else self.fixed_seconds
-        self.speeds = [smoothed(p, m, self.smoothing) for p, m in zip(previous_speeds, measured_speeds, strict=True)]
+        unknown: list[float | None] = [None] * world
+        last_speeds: list[float | None] = unknown
+        last_fixed: list[float | None] = unknown
+        if self._last_measured is not None and len(self._last_measured[0]) == world:
+            last_speeds, last_fixed = list(self._last_measured[0]), list(self._last_measured[1])
+        self._last_measured = (measured_speeds, measured_fixed)
+        self.speeds = [
+            follow_change(p, m, last, self.smoothing)
+            for p, m, last in zip(previous_speeds, measured_speeds, last_speeds, strict=True)
+        ]
         self.fixed_seconds = [
-            smoothed(p, m, self.smoothing) for p, m in zip(previous_fixed, measured_fixed, strict=True)
+            follow_change(p, m, last, self.smoothing)
+            for p, m, last in zip(previous_fixed, measured_fixed, last_fixed, strict=True)
         ]
         proposed = plan_batch_sizes(
             sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
@@ -255,6 +272,16 @@ class ThroughputBalancer:
             self.speeds, self.fixed_seconds = [], []
         self.history = list(state["history"])
         self._last_replan = int(state["last_replan"])
+
+
+def follow_change(previous: float | None, measured: float, last: float | None, smoothing: float) -> float:
+    """The moving average of a rank's estimate, or the mean of the last two windows when both are more than
+    `CHANGE` (relative) away from `previous` on the same side: a lasting change, not noise."""
+    if previous is not None and last is not None and previous > 0:
+        deviations = ((measured - previous) / previous, (last - previous) / previous)
+        if all(d > CHANGE for d in deviations) or all(d < -CHANGE for d in deviations):
+            return (measured + last) / 2
+    return smoothed(previous, measured, smoothing)
 
 
 def _mean_without_outliers(values: list[float]) -> float:

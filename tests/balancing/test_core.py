@@ -163,6 +163,24 @@ def test_a_plans_step_time_is_measured_on_the_batches_it_cut_and_replaces_the_ol
     assert balancer.history[-1]["step_seconds"] is None and balancer._measured[(32,)][1] == 0.3
 
 
+def test_one_odd_window_is_smoothed_but_two_on_the_same_side_are_followed() -> None:
+    balancer = ThroughputBalancer(replan_every=1, smoothing=0.8, tolerance=0.0, warmup_steps=0)
+    balancer.setup(global_batch_size=32, world_size=1)
+
+    def window(step: int, busy_seconds: float) -> float:
+        balancer.record(samples=32, busy_seconds=busy_seconds, fixed_seconds=0.01)
+        balancer.maybe_replan(step=step, device=torch.device("cpu"))
+        return balancer.speeds[0]
+
+    assert window(1, 0.2) == pytest.approx(160.0)
+    assert window(2, 0.4) == pytest.approx(0.8 * 160 + 0.2 * 80)  # one slow window: noise until confirmed
+    assert window(3, 0.2) == pytest.approx(0.8 * 144 + 0.2 * 160)  # back: it was noise
+    assert window(4, 0.4) == pytest.approx(0.8 * 147.2 + 0.2 * 80)
+    assert window(5, 0.4) == pytest.approx(80.0)  # the second slow window in a row: the rank turned slow
+    assert window(6, 0.21) == pytest.approx(0.8 * 80 + 0.2 * 32 / 0.21)  # one fast window: smoothed again
+    assert window(7, 0.2) == pytest.approx((32 / 0.21 + 160) / 2)  # and recovered: followed at the second
+
+
 def test_steps_far_slower_than_the_window_median_do_not_count() -> None:
     from lightning_eff.balancing.balancers import _mean_without_outliers
 
