@@ -178,6 +178,10 @@ class Job:
     cgroup: str | None  # the directory of the quota cgroup (None: no quota)
     result_dir: str
     plan: dict[str, Any]
+    stall_ms: int = 0  # the slow rank's process is stopped this long every `stall_period_ms` (0: never)
+    stall_period_ms: int = 0
+    change_at: int | None = None  # at this step the slow rank joins (`change="slows"`) or leaves ("recovers")
+    change: str | None = None  # `cgroup`, instead of being in it from the start
 
 
 def batch_counts(trainer: L.Trainer, outputs: Any, batch: Any) -> dict[str, int]:
@@ -195,6 +199,40 @@ def join_cgroup(cgroup: str) -> None:
     Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
 
 
+def leave_cgroup(cgroup: str) -> None:
+    """Move this whole process back to the parent of the quota cgroup: full speed again."""
+    Path(cgroup).parent.joinpath("cgroup.procs").write_text(str(os.getpid()))
+
+
+class ChangeSpeed(L.Callback):
+    """On the slow rank: join or leave the quota cgroup when step `job.change_at` starts."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.job.change_at and self.job.cgroup is not None:
+            (join_cgroup if self.job.change == "slows" else leave_cgroup)(self.job.cgroup)
+
+
+def start_stalls(stall_ms: int, period_ms: int) -> None:
+    """A child that stops this process for `stall_ms` every `period_ms` (SIGSTOP, SIGCONT) until it exits: a
+    co-located job that takes the core in bursts. It is in the job's process group, so it goes with the job."""
+    code = (
+        "import os, signal, sys, time\n"
+        f"pid, stall, period = {os.getpid()}, {stall_ms / 1e3}, {period_ms / 1e3}\n"
+        "while True:\n"
+        "    time.sleep(period - stall)\n"
+        "    try:\n"
+        "        os.kill(pid, signal.SIGSTOP)\n"
+        "        time.sleep(stall)\n"
+        "        os.kill(pid, signal.SIGCONT)\n"
+        "    except ProcessLookupError:\n"
+        "        sys.exit(0)\n"
+    )
+    subprocess.Popen([sys.executable, "-c", code])
+
+
 def strategy(job: Job, plan: Plan) -> DDPStrategy | str:
     if job.devices == 1:
         return "auto"
@@ -208,8 +246,14 @@ def worker(job: Job) -> None:
     """Train `job` on this rank (pinned to its core, slowed if it is the slow rank) and write its record."""
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     os.sched_setaffinity(0, {int(os.environ.get(CORE_ENV, rank))})
-    if job.cgroup is not None and rank == job.slow_rank:
-        join_cgroup(job.cgroup)
+    callbacks: list[L.Callback] = []
+    if rank == job.slow_rank:
+        if job.cgroup is not None and job.change != "slows":
+            join_cgroup(job.cgroup)
+        if job.change is not None:
+            callbacks.append(ChangeSpeed(job))
+        if job.stall_ms:
+            start_stalls(job.stall_ms, job.stall_period_ms)
     torch.set_num_threads(1)  # one core per rank: more threads would only contend
     quiet_lightning()
     plan = Plan(**job.plan)
@@ -225,7 +269,7 @@ def worker(job: Job) -> None:
     # Rank 0 also streams its rows to progress.jsonl, so the watchdog sees a stalled job as it stalls.
     recorder = StepRecorder(batch_counts, progress_path=result_dir / "progress.jsonl" if rank == 0 else None)
     trainer, seconds = fit(
-        model, data, [recorder], devices=job.devices, strategy=strategy(job, plan), max_steps=job.steps
+        model, data, [*callbacks, recorder], devices=job.devices, strategy=strategy(job, plan), max_steps=job.steps
     )
     result: dict[str, Any] = {"rows": recorder.rows, "fit_seconds": seconds}
     if rank == 0:
