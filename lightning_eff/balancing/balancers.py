@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from lightning_eff.balancing.planner import plan_batch_sizes, prefer_measured, smoothed, split_by_weight
+from lightning_eff.balancing.planner import beyond_noise, plan_batch_sizes, prefer_measured, smoothed, split_by_weight
 from lightning_eff.balancing.sampler import BatchPlan
 from lightning_eff.validation import ConfigError, check, check_fraction, check_int
 
@@ -71,7 +71,10 @@ class ThroughputBalancer:
     The moving average keeps the plan from following noise, but it would take many windows to follow a rank that
     really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a
     rank more than 20% away from its estimate on the same side, the estimate is reset to their mean
-    (`follow_change`), so the plan follows within two re-plans.
+    (`follow_change`), so the plan follows within two re-plans. Otherwise a new plan must promise more than the
+    noise: the predicted step time (`beyond_noise`) must shrink by more than the typical relative
+    deviation of a window's measured speeds from the estimates (a moving average of it), so load that comes and
+    goes faster than a window does not move the split, which would only cost (equal ranks, unequal split).
 
     Args:
         replan_every: optimizer steps between re-plans.
@@ -109,6 +112,8 @@ class ThroughputBalancer:
         self.fixed_seconds: list[float] = []  # per rank: seconds per step of the work that does not
         self.history: list[dict[str, Any]] = []
         self._last_measured: tuple[list[float], list[float]] | None = None  # the last window's speeds and fixed
+        self.noise = 0.0  # moving average of a window's largest relative deviation of a rank's speed from its estimate
+        self._noise_before = 0.0  # before the last window's update
         self._steps = 0
         self._samples = 0
         self._busy_seconds = 0.0
@@ -201,19 +206,27 @@ class ThroughputBalancer:
         if self._last_measured is not None and len(self._last_measured[0]) == world:
             last_speeds, last_fixed = list(self._last_measured[0]), list(self._last_measured[1])
         self._last_measured = (measured_speeds, measured_fixed)
-        self.speeds = [
+        speeds = [
             follow_change(p, m, last, self.smoothing)
             for p, m, last in zip(previous_speeds, measured_speeds, last_speeds, strict=True)
         ]
-        self.fixed_seconds = [
+        fixed_seconds = [
             follow_change(p, m, last, self.smoothing)
             for p, m, last in zip(previous_fixed, measured_fixed, last_fixed, strict=True)
         ]
+        changed = any(change for _, change in speeds)
+        deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
+        if changed:  # a lasting change is not noise: undo what its first window added
+            self.noise = self._noise_before
+        elif deviations:
+            self._noise_before, self.noise = self.noise, smoothed(self.noise, max(deviations), self.smoothing)
+        self.speeds, self.fixed_seconds = [v for v, _ in speeds], [v for v, _ in fixed_seconds]
         proposed = plan_batch_sizes(
             sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
         )
+        planned = proposed if changed else beyond_noise(old, proposed, self.speeds, self.fixed_seconds, self.noise)
         seconds_per_step = {plan: seconds for plan, (_, seconds) in self._measured.items()}
-        self.plan.batch_sizes = prefer_measured(proposed, seconds_per_step)
+        self.plan.batch_sizes = prefer_measured(planned, seconds_per_step)
         self.plan.speeds = list(self.speeds)
         per_step = [(b + f) / n for b, f, n in zip(busy, fixed, steps, strict=True)]
         slowest = max(per_step)
@@ -226,7 +239,8 @@ class ThroughputBalancer:
                 "busy_seconds": per_step,
                 "idle_fraction": [1 - b / slowest if slowest > 0 else 0.0 for b in per_step],
                 "step_seconds": measured_step,  # wall time per step under the window's plan (`old`)
-                "proposed": proposed,
+                "proposed": proposed,  # the model's plan, before the noise gate and the measured step times
+                "noise": self.noise,
             }
         )
         return self.plan.batch_sizes != old
@@ -254,6 +268,7 @@ class ThroughputBalancer:
             "fixed_seconds": list(self.fixed_seconds),
             "history": list(self.history),
             "last_replan": self._last_replan,
+            "noise": self.noise,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -272,16 +287,20 @@ class ThroughputBalancer:
             self.speeds, self.fixed_seconds = [], []
         self.history = list(state["history"])
         self._last_replan = int(state["last_replan"])
+        self.noise = float(state.get("noise", 0.0))  # older checkpoints: learned anew
 
 
-def follow_change(previous: float | None, measured: float, last: float | None, smoothing: float) -> float:
+def follow_change(previous: float | None, measured: float, last: float | None, smoothing: float) -> tuple[float, bool]:
     """The moving average of a rank's estimate, or the mean of the last two windows when both are more than
-    `CHANGE` (relative) away from `previous` on the same side: a lasting change, not noise."""
+    `CHANGE` (relative) away from `previous` on the same side and within `CHANGE` of each other: a lasting
+    change, not noise (then True)."""
     if previous is not None and last is not None and previous > 0:
         deviations = ((measured - previous) / previous, (last - previous) / previous)
-        if all(d > CHANGE for d in deviations) or all(d < -CHANGE for d in deviations):
-            return (measured + last) / 2
-    return smoothed(previous, measured, smoothing)
+        same_side = all(d > CHANGE for d in deviations) or all(d < -CHANGE for d in deviations)
+        mean = (measured + last) / 2
+        if same_side and abs(measured - last) <= CHANGE * mean:
+            return mean, True
+    return smoothed(previous, measured, smoothing), False
 
 
 def _mean_without_outliers(values: list[float]) -> float:

@@ -99,6 +99,34 @@ def plan_batch_sizes(
     return proposed
 
 
+def predicted_step_seconds(sizes: Sequence[int], speeds: Sequence[float], fixed_seconds: Sequence[float]) -> float:
+    """The step time the model predicts for `sizes`: the slowest rank's ``fixed + size / speed`` (inf: a rank
+    with speed 0 and work)."""
+    return max(
+        f + (b / s if s > 0 else (float("inf") if b else 0.0))
+        for b, s, f in zip(sizes, speeds, fixed_seconds, strict=True)
+    )
+
+
+def beyond_noise(
+    current: Sequence[int],
+    proposed: Sequence[int],
+    speeds: Sequence[float],
+    fixed_seconds: Sequence[float],
+    noise: float,
+) -> list[int]:
+    """`proposed` if the model predicts it shortens the step by more than `noise` (relative), else `current`.
+
+    `noise` is how far a window's measured speeds typically stray from the estimates: a smaller predicted gain
+    may be an artefact of load that came and went, and an unequal split of equal ranks costs for sure.
+    """
+    if len(current) != len(proposed) or sum(current) != sum(proposed) or list(current) == list(proposed):
+        return list(proposed)
+    before = predicted_step_seconds(current, speeds, fixed_seconds)
+    after = predicted_step_seconds(proposed, speeds, fixed_seconds)
+    return list(proposed) if after < (1 - noise) * before else list(current)
+
+
 def prefer_measured(proposed: Sequence[int], seconds_per_step: Mapping[tuple[int, ...], float]) -> list[int]:
     """`proposed`, unless it ran recently and another plan that ran recently was faster: then that plan.
 

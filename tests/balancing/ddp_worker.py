@@ -9,6 +9,9 @@ N batches, a checkpoint at each epoch's end).
 `python -m tests.balancing.ddp_worker measure OUT [COMPRESSION]`: 2 ranks, rank 1 slowed down, COMPRESSION `none`
 or `fp16` (then with small buckets, so the comm hook runs, and blocks, inside backward); writes `OUT/rank<N>.json`
 with the balancer's state and the number of gradient-timing hooks left after the run.
+
+`python -m tests.balancing.ddp_worker fallback OUT`: 2 ranks whose model-proposed plan runs slower than the
+equal one (a cost the timer cannot see); writes the balancer's state to `OUT/rank<N>.json`.
 """
 
 from __future__ import annotations
@@ -97,6 +100,30 @@ class SlowRank1(DigitsMLP):
             time.sleep(0.05)
 
 
+class HiddenCostOnRank0(SlowRank1):
+    """Rank 1 is slow (the balancer sees it), and rank 0 pays 0.15 s after every step in which it has more than
+    half the global batch, where the balancer's timer does not look (past the optimizer step): the plan the model
+    proposes runs slower than the equal one, which only the measured step time shows."""
+
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int) -> None:
+        if self.global_rank == 0 and len(batch[0]) > 64:
+            time.sleep(0.15)
+
+
+def fallback(out: str) -> dict[str, Any]:
+    balancer = ThroughputBalancer(replan_every=5, smoothing=0.0, tolerance=0.0)
+    strategy = EfficientDDPStrategy(balancer=balancer)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=26, enable_checkpointing=False, **QUIET
+    )
+    trainer.fit(HiddenCostOnRank0(hidden_sizes=[32]), datamodule=DigitsDataModule(batch_size=64))
+    result = {"state": balancer.state_dict()}
+    with open(f"{out}/rank{trainer.global_rank}.json", "w") as handle:
+        json.dump(result, handle)
+    return result
+
+
 def measure(out: str, compression: str) -> dict[str, Any]:
     balancer = ThroughputBalancer(replan_every=5, smoothing=0.0, tolerance=0.0)
     if compression == "none":
@@ -131,8 +158,12 @@ def main() -> None:
     slow = commands.add_parser("measure", help="2 ranks, rank 1 slow: what the balancer measures")
     slow.add_argument("out", help="directory for rank<N>.json")
     slow.add_argument("compression", nargs="?", default="none", choices=["none", "fp16"])
+    fall_back = commands.add_parser("fallback", help="2 ranks, the model's plan runs slower: the balancer's answer")
+    fall_back.add_argument("out", help="directory for rank<N>.json")
     args = parser.parse_args()
-    if args.command == "train":
+    if args.command == "fallback":
+        fallback(args.out)
+    elif args.command == "train":
         train(args.out, args.devices, args.sizes, args.compression, args.max_steps, args.ckpt, args.epoch_steps)
     else:
         measure(args.out, args.compression)

@@ -11,8 +11,10 @@ from lightning_eff.balancing import (
     CostBalancer,
     ThroughputBalancer,
     assign_by_cost,
+    beyond_noise,
     equal_time_sizes,
     plan_batch_sizes,
+    predicted_step_seconds,
     prefer_measured,
     split_by_weight,
 )
@@ -179,6 +181,36 @@ def test_one_odd_window_is_smoothed_but_two_on_the_same_side_are_followed() -> N
     assert window(5, 0.4) == pytest.approx(80.0)  # the second slow window in a row: the rank turned slow
     assert window(6, 0.21) == pytest.approx(0.8 * 80 + 0.2 * 32 / 0.21)  # one fast window: smoothed again
     assert window(7, 0.2) == pytest.approx((32 / 0.21 + 160) / 2)  # and recovered: followed at the second
+
+
+def test_a_plan_must_promise_more_than_the_noise() -> None:
+    speeds, fixed = [110.0, 100.0], [0.0, 0.0]  # rank 0 measured 10% faster
+    predicted = predicted_step_seconds([17, 15], speeds, fixed)
+    assert predicted == pytest.approx(17 / 110) and predicted_step_seconds([16, 16], speeds, fixed) == 0.16
+    assert beyond_noise([16, 16], [17, 15], speeds, fixed, noise=0.02) == [17, 15]  # 3.4% gain, 2% noise: move
+    assert beyond_noise([16, 16], [17, 15], speeds, fixed, noise=0.3) == [16, 16]  # within the noise: stay
+    assert beyond_noise([16, 16], [22, 10], [200.0, 100.0], fixed, noise=0.3) == [22, 10]  # a real slow rank
+    assert beyond_noise([32], [16, 16], speeds, fixed, noise=0.9) == [16, 16]  # nothing to compare with
+
+
+def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() -> None:
+    balancer = ThroughputBalancer(replan_every=1, smoothing=0.5, tolerance=0.0, warmup_steps=0)
+    balancer.setup(global_batch_size=32, world_size=1)
+    for step, busy_seconds in enumerate([0.2, 0.3, 0.2], start=1):  # 160, then 106.7 and 160 samples/s
+        balancer.record(samples=32, busy_seconds=busy_seconds)
+        balancer.maybe_replan(step=step, device=torch.device("cpu"))
+    assert balancer.noise == pytest.approx(0.5 * (0.5 * 1 / 3) + 0.5 * (160 / (0.5 * 160 + 0.5 * 320 / 3) - 1))
+    noise = balancer.noise
+    for step in (4, 5):  # a lasting change: followed, and not counted as noise
+        balancer.record(samples=32, busy_seconds=0.8)
+        balancer.maybe_replan(step=step, device=torch.device("cpu"))
+    assert balancer.speeds == pytest.approx([40.0])
+    assert balancer.history[-2]["noise"] > noise  # the change's first window looked like noise ...
+    assert balancer.noise == noise  # ... until the second confirmed it
+    state = balancer.state_dict()
+    restored = ThroughputBalancer()
+    restored.load_state_dict(state)
+    assert restored.noise == balancer.noise
 
 
 def test_steps_far_slower_than_the_window_median_do_not_count() -> None:

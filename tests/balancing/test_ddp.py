@@ -94,6 +94,23 @@ def test_measured_work_excludes_waiting_for_the_slow_rank(tmp_path: Path, compre
     assert ranks[0]["hooks"] == 0  # the gradient-timing hooks are removed at teardown
 
 
+def test_a_plan_that_measures_slower_gives_way_to_the_faster_one_that_ran(tmp_path: Path) -> None:
+    result = run_worker(ddp_worker, ["fallback", str(tmp_path)], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    history = ranks[0]["state"]["history"]
+    assert ranks[1]["state"]["history"] == history  # the same decision on every rank
+    plans = [entry["batch_sizes"] for entry in history]
+    # the model reads rank 1 as slow and moves work to rank 0: tried once at step 5
+    assert plans[0][0] > 64 and history[0]["proposed"] == plans[0]
+    # measured: the equal plan's window ran faster than the proposal's (rank 0's hidden 0.15 s a step) ...
+    equal_seconds, proposed_seconds = history[0]["step_seconds"], history[1]["step_seconds"]
+    assert proposed_seconds > equal_seconds + 0.03
+    # ... so at every later re-plan the model's proposal, which ran, gives way to the equal plan
+    assert all(entry["proposed"][0] > 64 for entry in history[1:])
+    assert all(plan == [64, 64] for plan in plans[1:]), plans
+
+
 def test_app_balancing_run_reports_shares_and_a_plot(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["trainer=ddp_cpu", "balancing=throughput", "balancing.replan_every=5", "trainer.max_epochs=2"]
