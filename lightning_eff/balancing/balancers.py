@@ -74,7 +74,8 @@ class ThroughputBalancer:
     (`follow_change`), so the plan follows within two re-plans. Otherwise a new plan must promise more than the
     noise: the predicted step time (`beyond_noise`) must shrink by more than the typical relative
     deviation of a window's measured speeds from the estimates (a moving average of it), so load that comes and
-    goes faster than a window does not move the split, which would only cost (equal ranks, unequal split).
+    goes faster than a window does not move the split, which would only cost (equal ranks, unequal split). A
+    move back toward the equal split needs no such proof.
 
     Args:
         replan_every: optimizer steps between re-plans.

@@ -115,12 +115,17 @@ def beyond_noise(
     fixed_seconds: Sequence[float],
     noise: float,
 ) -> list[int]:
-    """`proposed` if the model predicts it shortens the step by more than `noise` (relative), else `current`.
+    """`proposed` if it is closer to the equal split than `current`, or if the model predicts it shortens the
+    step by more than `noise` (relative); else `current`.
 
     `noise` is how far a window's measured speeds typically stray from the estimates: a smaller predicted gain
-    may be an artefact of load that came and went, and an unequal split of equal ranks costs for sure.
+    may be an artefact of load that came and went, and an unequal split of equal ranks costs for sure. The
+    equal split is the safe default, so a move back toward it needs no such proof.
     """
     if len(current) != len(proposed) or sum(current) != sum(proposed) or list(current) == list(proposed):
+        return list(proposed)
+    equal = sum(current) / len(current)
+    if max(abs(p - equal) for p in proposed) < max(abs(c - equal) for c in current):
         return list(proposed)
     before = predicted_step_seconds(current, speeds, fixed_seconds)
     after = predicted_step_seconds(proposed, speeds, fixed_seconds)

@@ -191,6 +191,7 @@ def test_a_plan_must_promise_more_than_the_noise() -> None:
     assert beyond_noise([16, 16], [17, 15], speeds, fixed, noise=0.3) == [16, 16]  # within the noise: stay
     assert beyond_noise([16, 16], [22, 10], [200.0, 100.0], fixed, noise=0.3) == [22, 10]  # a real slow rank
     assert beyond_noise([32], [16, 16], speeds, fixed, noise=0.9) == [16, 16]  # nothing to compare with
+    assert beyond_noise([18, 14], [17, 15], speeds, fixed, noise=0.9) == [17, 15]  # toward equal: no proof needed
 
 
 def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() -> None:
