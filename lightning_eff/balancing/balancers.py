@@ -17,6 +17,8 @@ from lightning_eff.validation import ConfigError, check, check_fraction, check_i
 COSTS = ("tokens", "samples")
 PLAN_MEMORY = 10  # re-plan windows for which a plan's measured step time is remembered
 CHANGE = 0.2  # two windows in a row this far (relative) from a rank's estimate, on the same side: a new speed
+NOISE_PRIOR = 0.1  # the noise assumed before windows have measured it (a first move must promise 2 x 10%)
+NOISE_MARGIN = 2.0  # a new split must promise a step this many times the noise shorter
 OUTLIER = 3.0  # a step longer than this many times the window's median (validation, a checkpoint) is left out
 
 
@@ -71,11 +73,13 @@ class ThroughputBalancer:
     The moving average keeps the plan from following noise, but it would take many windows to follow a rank that
     really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a
     rank more than 20% away from its estimate on the same side, the estimate is reset to their mean
-    (`follow_change`), so the plan follows within two re-plans. Otherwise a new plan must promise more than the
-    noise: the predicted step time (`beyond_noise`) must shrink by more than the typical relative
-    deviation of a window's measured speeds from the estimates (a moving average of it), so load that comes and
-    goes faster than a window does not move the split, which would only cost (equal ranks, unequal split). A
-    move back toward the equal split needs no such proof.
+    (`follow_change`), so the plan follows within two re-plans. Only windows that ran the same plan count: under
+    a cpu quota a rank given fewer samples measures faster, which is the plan's doing, not a change of the rank.
+    Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink
+    by more than twice the typical relative deviation of a window's measured speeds from the estimates (a moving
+    average of it, 10% until measured), so load that comes and goes faster than a window does not move the
+    split: on equal ranks a wrong split costs as much as the gain it promised. A move back toward the equal
+    split needs no such proof.
 
     Args:
         replan_every: optimizer steps between re-plans.
@@ -113,8 +117,9 @@ class ThroughputBalancer:
         self.fixed_seconds: list[float] = []  # per rank: seconds per step of the work that does not
         self.history: list[dict[str, Any]] = []
         self._last_measured: tuple[list[float], list[float]] | None = None  # the last window's speeds and fixed
-        self.noise = 0.0  # moving average of a window's largest relative deviation of a rank's speed from its estimate
-        self._noise_before = 0.0  # before the last window's update
+        self.noise = NOISE_PRIOR  # moving average of a window's largest relative deviation of a speed from its estimate
+        self._noise_before = NOISE_PRIOR  # before the last window's update
+        self._window_plans: list[list[int]] = []  # the plans the last two windows ran
         self._steps = 0
         self._samples = 0
         self._busy_seconds = 0.0
@@ -204,7 +209,9 @@ class ThroughputBalancer:
         unknown: list[float | None] = [None] * world
         last_speeds: list[float | None] = unknown
         last_fixed: list[float | None] = unknown
-        if self._last_measured is not None and len(self._last_measured[0]) == world:
+        self._window_plans = [*self._window_plans[-1:], old]
+        same_plan = len(self._window_plans) == 2 and self._window_plans[0] == old  # the last two windows ran `old`
+        if self._last_measured is not None and len(self._last_measured[0]) == world and same_plan:
             last_speeds, last_fixed = list(self._last_measured[0]), list(self._last_measured[1])
         self._last_measured = (measured_speeds, measured_fixed)
         speeds = [
@@ -225,7 +232,8 @@ class ThroughputBalancer:
         proposed = plan_batch_sizes(
             sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
         )
-        planned = proposed if changed else beyond_noise(old, proposed, self.speeds, self.fixed_seconds, self.noise)
+        margin = NOISE_MARGIN * self.noise
+        planned = proposed if changed else beyond_noise(old, proposed, self.speeds, self.fixed_seconds, margin)
         seconds_per_step = {plan: seconds for plan, (_, seconds) in self._measured.items()}
         self.plan.batch_sizes = prefer_measured(planned, seconds_per_step)
         self.plan.speeds = list(self.speeds)
@@ -288,7 +296,7 @@ class ThroughputBalancer:
             self.speeds, self.fixed_seconds = [], []
         self.history = list(state["history"])
         self._last_replan = int(state["last_replan"])
-        self.noise = float(state.get("noise", 0.0))  # older checkpoints: learned anew
+        self.noise = float(state.get("noise", NOISE_PRIOR))  # older checkpoints: learned anew
 
 
 def follow_change(previous: float | None, measured: float, last: float | None, smoothing: float) -> tuple[float, bool]:

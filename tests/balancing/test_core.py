@@ -200,7 +200,8 @@ def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() ->
     for step, busy_seconds in enumerate([0.2, 0.3, 0.2], start=1):  # 160, then 106.7 and 160 samples/s
         balancer.record(samples=32, busy_seconds=busy_seconds)
         balancer.maybe_replan(step=step, device=torch.device("cpu"))
-    assert balancer.noise == pytest.approx(0.5 * (0.5 * 1 / 3) + 0.5 * (160 / (0.5 * 160 + 0.5 * 320 / 3) - 1))
+    # from the prior (10%): window 2 strays by 1/3, window 3 by 160 / 133.3 - 1
+    assert balancer.noise == pytest.approx(0.5 * (0.5 * 0.1 + 0.5 / 3) + 0.5 * (160 / (0.5 * 160 + 0.5 * 320 / 3) - 1))
     noise = balancer.noise
     for step in (4, 5):  # a lasting change: followed, and not counted as noise
         balancer.record(samples=32, busy_seconds=0.8)
