@@ -73,8 +73,9 @@ class ThroughputBalancer:
     The moving average keeps the plan from following noise, but it would take many windows to follow a rank that
     really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a
     rank more than 20% away from its estimate on the same side, the estimate is reset to their mean
-    (`follow_change`), so the plan follows within two re-plans. Only windows that ran the same plan count: under
-    a cpu quota a rank given fewer samples measures faster, which is the plan's doing, not a change of the rank.
+    (`follow_change`), so the plan follows within two re-plans; unless its batch moved the same way (under a cpu
+    quota a rank given fewer samples measures faster, which is the plan's doing, not a change of the rank); the
+    remembered step times of earlier plans, measured before the change, are then forgotten.
     Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink
     by more than twice the typical relative deviation of a window's measured speeds from the estimates (a moving
     average of it, 10% until measured), so load that comes and goes faster than a window does not move the
@@ -209,23 +210,26 @@ class ThroughputBalancer:
         unknown: list[float | None] = [None] * world
         last_speeds: list[float | None] = unknown
         last_fixed: list[float | None] = unknown
-        self._window_plans = [*self._window_plans[-1:], old]
-        same_plan = len(self._window_plans) == 2 and self._window_plans[0] == old  # the last two windows ran `old`
-        if self._last_measured is not None and len(self._last_measured[0]) == world and same_plan:
+        self._window_plans = [*self._window_plans[-2:], old]  # the plans of the last three windows, this one last
+        known = self._last_measured is not None and len(self._last_measured[0]) == world
+        if known and len(self._window_plans) == 3 and all(len(plan) == world for plan in self._window_plans):
+            assert self._last_measured is not None
             last_speeds, last_fixed = list(self._last_measured[0]), list(self._last_measured[1])
         self._last_measured = (measured_speeds, measured_fixed)
+        sizes = list(zip(*self._window_plans, strict=True)) if last_speeds[0] is not None else [()] * world
         speeds = [
-            follow_change(p, m, last, self.smoothing)
-            for p, m, last in zip(previous_speeds, measured_speeds, last_speeds, strict=True)
+            follow_change(p, m, last, self.smoothing, rank_sizes)
+            for p, m, last, rank_sizes in zip(previous_speeds, measured_speeds, last_speeds, sizes, strict=True)
         ]
-        fixed_seconds = [
-            follow_change(p, m, last, self.smoothing)
-            for p, m, last in zip(previous_fixed, measured_fixed, last_fixed, strict=True)
+        fixed_seconds = [  # a rank whose speed changed: its fixed work too (the same cause slows both)
+            ((m + last) / 2 if change and last is not None else smoothed(p, m, self.smoothing), change)
+            for p, m, last, (_, change) in zip(previous_fixed, measured_fixed, last_fixed, speeds, strict=True)
         ]
         changed = any(change for _, change in speeds)
         deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
         if changed:  # a lasting change is not noise: undo what its first window added
             self.noise = self._noise_before
+            self._measured = {}  # and the step times plans measured before it are out of date
         elif deviations:
             self._noise_before, self.noise = self.noise, smoothed(self.noise, max(deviations), self.smoothing)
         self.speeds, self.fixed_seconds = [v for v, _ in speeds], [v for v, _ in fixed_seconds]
@@ -299,15 +303,28 @@ class ThroughputBalancer:
         self.noise = float(state.get("noise", NOISE_PRIOR))  # older checkpoints: learned anew
 
 
-def follow_change(previous: float | None, measured: float, last: float | None, smoothing: float) -> tuple[float, bool]:
-    """The moving average of a rank's estimate, or the mean of the last two windows when both are more than
-    `CHANGE` (relative) away from `previous` on the same side and within `CHANGE` of each other: a lasting
-    change, not noise (then True)."""
-    if previous is not None and last is not None and previous > 0:
+def follow_change(
+    previous: float | None,
+    measured: float,
+    last: float | None,
+    smoothing: float,
+    sizes: tuple[int, ...] = (),
+) -> tuple[float, bool]:
+    """A rank's new speed estimate: the moving average, or the mean of the last two windows when both are more
+    than `CHANGE` (relative) away from `previous` on the same side, within `CHANGE` of each other, and the plan
+    does not explain it (then True: a lasting change, not noise).
+
+    `sizes`: the rank's batch size in the window before the two, and in each of them. A rank measures faster
+    with fewer samples under a cpu quota (it runs at full speed while it has quota left), and slower with more:
+    a speed that moved the way its batch did may be the plan's doing, so it is only averaged in.
+    """
+    if previous is not None and last is not None and previous > 0 and len(sizes) == 3:
         deviations = ((measured - previous) / previous, (last - previous) / previous)
-        same_side = all(d > CHANGE for d in deviations) or all(d < -CHANGE for d in deviations)
+        faster, slower = all(d > CHANGE for d in deviations), all(d < -CHANGE for d in deviations)
+        before, *during = sizes
+        explained = (faster and min(during) < before) or (slower and max(during) > before)
         mean = (measured + last) / 2
-        if same_side and abs(measured - last) <= CHANGE * mean:
+        if (faster or slower) and not explained and abs(measured - last) <= CHANGE * mean:
             return mean, True
     return smoothed(previous, measured, smoothing), False
 

@@ -18,6 +18,7 @@ from lightning_eff.balancing import (
     prefer_measured,
     split_by_weight,
 )
+from lightning_eff.balancing.balancers import follow_change
 from lightning_eff.tasks.text import TextDataModule
 from lightning_eff.validation import ConfigError
 
@@ -183,6 +184,16 @@ def test_one_odd_window_is_smoothed_but_two_on_the_same_side_are_followed() -> N
     assert window(7, 0.2) == pytest.approx((32 / 0.21 + 160) / 2)  # and recovered: followed at the second
 
 
+def test_a_speed_change_that_the_plan_explains_is_only_averaged_in() -> None:
+    # two windows 50% faster than the estimate of 100: a change, unless the rank's batch shrank meanwhile
+    assert follow_change(100.0, 150.0, 148.0, 0.8, (16, 16, 16)) == (149.0, True)
+    assert follow_change(100.0, 150.0, 148.0, 0.8, (10, 11, 12)) == (149.0, True)  # more work and faster: recovered
+    assert follow_change(100.0, 150.0, 148.0, 0.8, (16, 10, 10)) == (pytest.approx(110.0), False)  # fewer samples
+    assert follow_change(100.0, 60.0, 62.0, 0.8, (10, 16, 16)) == (pytest.approx(92.0), False)  # more samples
+    assert follow_change(100.0, 60.0, 62.0, 0.8, (16, 16, 16)) == (61.0, True)  # slower at the same batch
+    assert follow_change(100.0, 150.0, 148.0, 0.8) == (pytest.approx(110.0), False)  # not yet three windows
+
+
 def test_a_plan_must_promise_more_than_the_noise() -> None:
     speeds, fixed = [110.0, 100.0], [0.0, 0.0]  # rank 0 measured 10% faster
     predicted = predicted_step_seconds([17, 15], speeds, fixed)
@@ -209,6 +220,7 @@ def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() ->
     assert balancer.speeds == pytest.approx([40.0])
     assert balancer.history[-2]["noise"] > noise  # the change's first window looked like noise ...
     assert balancer.noise == noise  # ... until the second confirmed it
+    assert balancer._measured == {}  # step times measured before the change no longer tell plans apart
     state = balancer.state_dict()
     restored = ThroughputBalancer()
     restored.load_state_dict(state)
