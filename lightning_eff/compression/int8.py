@@ -1,4 +1,4 @@
-"""`Int8`: allreduce in int8 with stochastic rounding and error feedback, about a quarter of the bytes."""
+"""`Int8`: allreduce in int8 with error feedback (or stochastic rounding), about a quarter of the bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor
 from lightning_eff.compression.base import check_bool
 from lightning_eff.compression.error_feedback import ErrorFeedback
 from lightning_eff.compression.transport import BucketLayout, Collectives, PerParameterState, shared_seed
-from lightning_eff.validation import check_int
+from lightning_eff.validation import check_choice, check_int
 
 # Rounding noise has 16 bits: u = (k + 0.5) / 2**16 for k uniform in [0, 2**16), so E[floor(y + u)] is within
 # 2**-17 of a level of y (torch.rand's float32 noise is itself a 2**-24 grid). Each 64-bit draw of the generator
@@ -21,6 +21,7 @@ _NOISE_BITS = 16
 _NOISE_SCALE = 2.0**-_NOISE_BITS
 _NOISE_OFFSET = 0.5 + 0.5 * _NOISE_SCALE  # int16 k in [-2**15, 2**15) -> (k + 2**15 + 0.5) / 2**16
 _DRAWS_PER_INT64 = 64 // _NOISE_BITS
+ROUNDINGS = ("auto", "nearest", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class _Workspace:
 
 @dataclass(eq=False)
 class Int8(ErrorFeedback):
-    """Allreduce in int8 with stochastic rounding: about a quarter of the bytes, unbiased, summed by the allreduce.
+    """Allreduce in int8: about a quarter of the bytes, summed by the allreduce itself.
 
     Every 1024 elements of a parameter share a scale, agreed across ranks by a MAX allreduce of |x| (0.4% extra
     bytes). Each rank rounds into +-floor(127 / world_size) levels so the int8 SUM cannot overflow; precision
@@ -62,20 +63,29 @@ class Int8(ErrorFeedback):
     Scales and noise are per parameter, so the result does not depend on how DDP happens to bucket parameters
     (which differs between the first step of a run, resumed or not, and later steps).
 
-    Cost: the noise is 16-bit (`_NOISE_BITS`: unbiased to 2**-17 of a level, four values per 64-bit draw where
-    `torch.rand` makes one draw per value), working memory is reused (`_Workspace`, about 15 bytes per element of
-    the largest bucket) and residuals are copied into tensors kept from step to step. Bucketing independence costs
-    a few small operations per parameter (its own generator, its chunks' maxima and step sizes), about 10 us each.
+    Rounding: with error feedback each element is rounded to the nearest level, and what that loses is added to
+    the next step's gradient, so no error is dropped and the sum over steps is exact up to the last residual
+    (error-feedback SGD, 1-bit SGD). Without it, rounding is stochastic, so that each step's average is unbiased.
+    Noise on top of error feedback would only add variance, and it was half of Int8's compute (`rounding=auto`:
+    nearest with error feedback, stochastic without; either can be forced).
+
+    Cost (stochastic rounding): the noise is 16-bit (`_NOISE_BITS`: unbiased to 2**-17 of a level, four values
+    per 64-bit draw where `torch.rand` makes one draw per value). Working memory is reused (`_Workspace`, about
+    15 bytes per element of the largest bucket) and residuals are copied into tensors kept from step to step.
+    Bucketing independence costs a few small operations per parameter (its own generator, its chunks' maxima and
+    step sizes), about 10 us each.
 
     Args:
         error_feedback: add what rounding lost to the next step's gradient.
         seed: base of the rounding noise, derived per parameter, step and rank (nothing to save, resumes exactly).
+        rounding: ``auto`` (nearest with error feedback, stochastic without), ``nearest`` or ``stochastic``.
     """
 
     name: ClassVar[str] = "int8"
     chunk_size: ClassVar[int] = 1024
     error_feedback: bool = True
     seed: int = 0
+    rounding: str = "auto"
     residuals: PerParameterState = field(default_factory=PerParameterState, init=False, repr=False)
     _plans: dict[BucketLayout, _Plan] = field(default_factory=dict, init=False, repr=False)
     _workspace: _Workspace = field(default_factory=_Workspace, init=False, repr=False)
@@ -84,14 +94,21 @@ class Int8(ErrorFeedback):
     def __post_init__(self) -> None:
         check_bool("error_feedback", self.error_feedback)
         check_int("seed", self.seed, 0)
+        check_choice("rounding", self.rounding, ROUNDINGS)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether rounding draws noise: forced, or `auto` without error feedback."""
+        return self.rounding == "stochastic" or (self.rounding == "auto" and not self.error_feedback)
 
     def compressed_mean(self, buffer: Tensor, layout: BucketLayout, comm: Collectives, step: int) -> Tensor:
         levels = 127 // comm.world_size
         if levels < 1:
             raise RuntimeError(f"Int8 compression sums int8 and supports at most 127 processes, not {comm.world_size}")
         plan = self._plan(layout)
+        stochastic = self.stochastic
         corrected, quantized, per_element, noise, summed, draws = self._workspace.get(
-            buffer.numel(), sum(plan.draws), buffer.device
+            buffer.numel(), sum(plan.draws) if stochastic else 0, buffer.device
         )
         residual = self._flat_residual(layout, buffer.device) if self.error_feedback else None
         if residual is None:
@@ -101,8 +118,11 @@ class Int8(ErrorFeedback):
         maxima = self._chunk_maxima(torch.abs(corrected, out=quantized), layout, plan)
         step_sizes = comm.all_reduce(maxima, dist.ReduceOp.MAX).div_(levels).clamp_min_(torch.finfo(torch.float32).tiny)
         self._fill_per_element(per_element, step_sizes, layout, plan)
-        quantized.copy_(self._noise(noise, draws, layout, plan, step, comm.rank))
-        quantized.mul_(_NOISE_SCALE).add_(_NOISE_OFFSET).addcdiv_(corrected, per_element).floor_()
+        if stochastic:
+            quantized.copy_(self._noise(noise, draws, layout, plan, step, comm.rank))
+            quantized.mul_(_NOISE_SCALE).add_(_NOISE_OFFSET).addcdiv_(corrected, per_element).floor_()
+        else:
+            torch.div(corrected, per_element, out=quantized).round_()
         quantized.clamp_(-levels, levels)
         if residual is not None:
             torch.addcmul(corrected, quantized, per_element, value=-1, out=residual)

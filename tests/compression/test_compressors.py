@@ -91,6 +91,21 @@ def test_int8_rounding_is_unbiased_and_within_one_level() -> None:
     assert not torch.equal(outs[0], outs[1])  # fresh noise every step
 
 
+def test_int8_with_error_feedback_rounds_to_nearest_and_carries_the_error_forward() -> None:
+    values = torch.randn(3000, generator=torch.Generator().manual_seed(0))
+    compressor = Int8()  # error feedback: rounding=auto is nearest, no noise
+    assert not compressor.stochastic and Int8(error_feedback=False).stochastic
+    first = averaged(compressor, {"x": values}, 0)[0]
+    level = values[:1024].abs().max() / 127
+    assert (first[:1024] - values[:1024]).abs().max() <= level * 0.5001  # nearest: within half a level
+    # the rounding error goes into the next step: over steps, the sum sent tracks the sum of the gradients
+    outs = torch.stack([first] + [averaged(compressor, {"x": values}, step)[0] for step in range(1, 200)])
+    assert (outs.sum(0) - 200 * values).abs().max() <= level * 1.0001  # only the last residual is missing
+    assert not torch.equal(outs[0], outs[1])  # the carried error changes what the next step rounds
+    forced = Int8(rounding="stochastic")
+    assert forced.stochastic and not torch.equal(averaged(forced, {"x": values}, 0)[0], first)
+
+
 def test_int8_sends_a_byte_per_element_plus_a_scale_per_chunk() -> None:
     _, comm = averaged(Int8(), {"a": torch.randn(3000), "b": torch.randn(10)})
     assert comm.bytes_sent == 3010 + 4 * (3 + 1) + 4  # int8 payload, scales, finite flag
@@ -147,6 +162,7 @@ def test_non_finite_bucket_goes_dense_and_leaves_residuals_alone() -> None:
         (lambda: TopK(ratio=1.5), "ratio=1.5: must be in (0, 1]"),
         (lambda: TopK(ratio="0.1"), "ratio=0.1: must be in (0, 1]"),  # type: ignore[arg-type]
         (lambda: Int8(error_feedback="yes"), "error_feedback=yes: must be true or false"),  # type: ignore[arg-type]
+        (lambda: Int8(rounding="up"), "rounding=up: must be one of auto, nearest, stochastic"),
         (lambda: Auto(probe_steps=0), "probe_steps=0: must be >= 1"),
         (lambda: Auto(margin=1.0), "margin=1.0: must be in [0, 1)"),
         (lambda: Auto(candidate="powersgd"), "candidate=powersgd: must be a compressor other than Auto"),  # type: ignore[arg-type]
