@@ -69,7 +69,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ from harness import (
     report_goals,
     write_json,
 )
-from local_sgd import namespace
+from local_sgd import link_prefix
 
 SMALLER_GOAL = 10.0  # exported bytes: fp32 dense / all-at-once
 LOSS_GOAL = 0.05  # validation loss: within 5% of dense
@@ -547,9 +547,7 @@ def main() -> None:
     report: dict[str, Any] = {"command": command, "machine": machine, "setup": asdict(setup), "slowdown": slowdown,
                               "workdir": str(workdir), "configs": {}}  # fmt: skip
     results: dict[str, dict[str, Any]] = report["configs"]
-    link = (nullcontext([]) if setup.link == "none"
-            else namespace(f"headline{os.getpid()}", setup.link))  # fmt: skip
-    with link as prefix, slow_rank(slowdown) as slow_env:
+    with link_prefix(setup.link) as prefix, slow_rank(slowdown) as slow_env:
         pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
         env = job_env(0, GLOO_SOCKET_IFNAME="lo", PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore", **slow_env)
         for index, name in enumerate(names):
