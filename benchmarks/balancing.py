@@ -319,12 +319,13 @@ def quota_cgroup() -> Iterator[Path]:
 
 
 @contextmanager
-def busy_core(core: int) -> Iterator[None]:
-    """A busy loop pinned to `core` for as long as the context lasts: the scheduler halves a rank's share."""
+def busy_core(core: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A busy loop pinned to `core` for as long as the context lasts (its process, which SIGSTOP/SIGCONT pause
+    and resume): the scheduler halves a rank's share."""
     code = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass\n"
     process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
-        yield
+        yield process
     finally:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

@@ -38,7 +38,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -74,44 +73,40 @@ REPLANS = 3
 
 @contextmanager
 def random_load(seed: int) -> Iterator[None]:
-    """A busy loop pinned to each core, switched on and off on a schedule drawn from `seed`."""
-    code = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
-    loops = [subprocess.Popen([sys.executable, "-c", code, str(core)], start_new_session=True) for core in (0, 1)]
-    for loop in loops:
-        os.kill(loop.pid, signal.SIGSTOP)
-    stop = threading.Event()
-
-    def switch() -> None:
-        draw = random.Random(seed)
-        while not stop.is_set():
-            for loop in loops:
-                with suppress(ProcessLookupError):
-                    os.kill(loop.pid, signal.SIGCONT if draw.random() < 0.4 else signal.SIGSTOP)
-            stop.wait(draw.uniform(0.3, 1.5))
-
-    thread = threading.Thread(target=switch, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    """A busy loop pinned to each core (`busy_core`), switched on and off on a schedule drawn from `seed`."""
+    with busy_core(0) as loop0, busy_core(1) as loop1:
+        loops = [loop0, loop1]
         for loop in loops:
-            with suppress(ProcessLookupError):
-                os.kill(loop.pid, signal.SIGKILL)
-            loop.wait()
+            os.kill(loop.pid, signal.SIGSTOP)
+        stop = threading.Event()
+
+        def switch() -> None:
+            draw = random.Random(seed)
+            while not stop.is_set():
+                for loop in loops:
+                    with suppress(ProcessLookupError):
+                        os.kill(loop.pid, signal.SIGCONT if draw.random() < 0.4 else signal.SIGSTOP)
+                stop.wait(draw.uniform(0.3, 1.5))
+
+        thread = threading.Thread(target=switch, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()  # busy_core kills the loops, stopped or not
 
 
 def run_one(runner: Runner, plan: Plan, scenario: str, method: str, round_index: int, args: Any) -> dict[str, Any]:
     """One job of `scenario` with `method`; its throughput, splits and per-step rows."""
     name = f"{scenario}-{method}-{round_index}"
     fields: dict[str, Any] = {}
-    with contextlib_for(scenario, runner.seed + round_index) as cgroup:
-        if scenario in ("quota", *CHANGES):
+    with conditions_for(scenario, runner.seed + round_index) as cgroup:
+        if scenario == "quota":
             fields = {"slow_rank": 1, "cgroup": str(cgroup)}
-        if scenario in CHANGES:
-            fields |= {"change_at": args.change_at, "change": scenario}
-        if scenario == "stall":
+        elif scenario in CHANGES:
+            fields = {"slow_rank": 1, "cgroup": str(cgroup), "change_at": args.change_at, "change": scenario}
+        elif scenario == "stall":
             fields = {"slow_rank": 1, "stall_ms": args.stall_ms, "stall_period_ms": args.stall_period_ms}
         ranks = runner.run([runner.job(name, method, plan.slow_steps, **fields)], cores=[None])[0]
     history = ranks[0].get("history", [])
@@ -123,7 +118,7 @@ def run_one(runner: Runner, plan: Plan, scenario: str, method: str, round_index:
 
 
 @contextmanager
-def contextlib_for(scenario: str, seed: int) -> Iterator[Path | None]:
+def conditions_for(scenario: str, seed: int) -> Iterator[Path | None]:
     """What the scenario needs around its job: a quota cgroup, a busy loop, random load, or nothing."""
     if scenario in ("quota", *CHANGES):
         with quota_cgroup() as path:

@@ -120,7 +120,7 @@ class ThroughputBalancer:
         self._last_measured: tuple[list[float], list[float]] | None = None  # the last window's speeds and fixed
         self.noise = NOISE_PRIOR  # moving average of a window's largest relative deviation of a speed from its estimate
         self._noise_before = NOISE_PRIOR  # before the last window's update
-        self._window_plans: list[list[int]] = []  # the plans the last two windows ran
+        self._window_plans: list[list[int]] = []  # the plans the last three windows ran
         self._steps = 0
         self._samples = 0
         self._busy_seconds = 0.0
@@ -207,23 +207,23 @@ class ThroughputBalancer:
         fresh = len(self.speeds) != world or len(self.fixed_seconds) != world
         previous_speeds = [None] * world if fresh else self.speeds
         previous_fixed = [None] * world if fresh else self.fixed_seconds
-        unknown: list[float | None] = [None] * world
-        last_speeds: list[float | None] = unknown
-        last_fixed: list[float | None] = unknown
         self._window_plans = [*self._window_plans[-2:], old]  # the plans of the last three windows, this one last
-        known = self._last_measured is not None and len(self._last_measured[0]) == world
-        if known and len(self._window_plans) == 3 and all(len(plan) == world for plan in self._window_plans):
-            assert self._last_measured is not None
-            last_speeds, last_fixed = list(self._last_measured[0]), list(self._last_measured[1])
+        last = self._last_measured
         self._last_measured = (measured_speeds, measured_fixed)
-        sizes = list(zip(*self._window_plans, strict=True)) if last_speeds[0] is not None else [()] * world
+        last_speeds: list[float | None] = [None] * world
+        last_fixed: list[float | None] = [None] * world
+        sizes: list[tuple[int, ...]] = [()] * world
+        plans_known = len(self._window_plans) == 3 and all(len(p) == world for p in self._window_plans)
+        if last is not None and len(last[0]) == world and plans_known:
+            last_speeds, last_fixed = list(last[0]), list(last[1])
+            sizes = list(zip(*self._window_plans, strict=True))
         speeds = [
             follow_change(p, m, last, self.smoothing, rank_sizes)
             for p, m, last, rank_sizes in zip(previous_speeds, measured_speeds, last_speeds, sizes, strict=True)
         ]
         fixed_seconds = [  # a rank whose speed changed: its fixed work too (the same cause slows both)
-            ((m + last) / 2 if change and last is not None else smoothed(p, m, self.smoothing), change)
-            for p, m, last, (_, change) in zip(previous_fixed, measured_fixed, last_fixed, speeds, strict=True)
+            (m + f) / 2 if change and f is not None else smoothed(p, m, self.smoothing)
+            for p, m, f, (_, change) in zip(previous_fixed, measured_fixed, last_fixed, speeds, strict=True)
         ]
         changed = any(change for _, change in speeds)
         deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
@@ -232,7 +232,7 @@ class ThroughputBalancer:
             self._measured = {}  # and the step times plans measured before it are out of date
         elif deviations:
             self._noise_before, self.noise = self.noise, smoothed(self.noise, max(deviations), self.smoothing)
-        self.speeds, self.fixed_seconds = [v for v, _ in speeds], [v for v, _ in fixed_seconds]
+        self.speeds, self.fixed_seconds = [v for v, _ in speeds], fixed_seconds
         proposed = plan_batch_sizes(
             sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
         )
