@@ -68,14 +68,16 @@ class ThroughputBalancer:
     (`plan_batch_sizes`). The first `warmup_steps` steps after set-up (allocations, DDP rebuilding its buckets
     with a collective in the second forward) are left out of the first window. The wall time per step that
     each plan achieved is remembered for a few windows, and a proposal that ran slower than another remembered
-    plan gives way to that plan (`prefer_measured`): the measured step time is what a plan is for.
+    plan by more than twice the standard error of the difference gives way to that plan (`prefer_measured`): the
+    measured step time is what a plan is for.
 
     The moving average keeps the plan from following noise, but it would take many windows to follow a rank that
     really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a
-    rank more than 20% away from its estimate on the same side, the estimate is reset to their mean
-    (`follow_change`), so the plan follows within two re-plans; unless its batch moved the same way (under a cpu
-    quota a rank given fewer samples measures faster, which is the plan's doing, not a change of the rank); the
-    remembered step times of earlier plans, measured before the change, are then forgotten.
+    rank more than 20% (or twice the noise, below) away from its estimate on the same side, the estimate is
+    reset to their mean (`follow_change`), so the plan follows within two re-plans; unless its batch moved the
+    same way (under a cpu quota a rank given fewer samples measures faster, which is the plan's doing, not a
+    change of the rank); the remembered step times of earlier plans, measured before the change, are then
+    forgotten.
     Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink
     by more than twice the typical relative deviation of a window's measured speeds from the estimates (a moving
     average of it, 10% until measured), so load that comes and goes faster than a window does not move the
@@ -126,7 +128,8 @@ class ThroughputBalancer:
         self._busy_seconds = 0.0
         self._fixed_seconds = 0.0
         self._step_times: list[float] = []  # this window's wall seconds per step, of steps cut by the plan
-        self._measured: dict[tuple[int, ...], tuple[int, float]] = {}  # plan -> (step, wall seconds per step)
+        # plan -> (step, wall seconds per step, its standard error)
+        self._measured: dict[tuple[int, ...], tuple[int, float, float]] = {}
         self._recorded = 0
         self._last_replan = 0
 
@@ -180,7 +183,7 @@ class ThroughputBalancer:
             return False
         self._last_replan = step
         window = [float(self._steps), float(self._samples), self._busy_seconds, self._fixed_seconds]
-        window += [float(len(self._step_times)), _mean_without_outliers(self._step_times)]
+        window += [float(len(self._step_times)), *_step_time_summary(self._step_times)]
         local = torch.tensor(window, dtype=torch.float64, device=device)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         gathered = [torch.zeros_like(local) for _ in range(world)]
@@ -188,18 +191,17 @@ class ThroughputBalancer:
             dist.all_gather(gathered, local)
         else:
             gathered = [local]
-        steps, samples, busy, fixed, timed, step_seconds = ([float(t[k]) for t in gathered] for k in range(6))
+        columns = ([float(t[k]) for t in gathered] for k in range(7))
+        steps, samples, busy, fixed, timed, step_seconds, step_errors = columns
         self._steps, self._samples, self._busy_seconds, self._fixed_seconds = 0, 0, 0.0, 0.0
         self._step_times = []
         old = list(self.plan.batch_sizes)
         measured_step = max(step_seconds) if all(n > 0 for n in timed) else None  # steps are synchronous
+        step_error = max(step_errors)
         if measured_step is not None:
-            self._measured[tuple(old)] = (step, measured_step)
-        self._measured = {
-            plan: (at, seconds)
-            for plan, (at, seconds) in self._measured.items()
-            if at > step - PLAN_MEMORY * self.replan_every
-        }
+            self._measured[tuple(old)] = (step, measured_step, step_error)
+        oldest = step - PLAN_MEMORY * self.replan_every
+        self._measured = {plan: measured for plan, measured in self._measured.items() if measured[0] > oldest}
         if not all(n > 0 and s > 0 and b > 0 for n, s, b in zip(steps, samples, busy, strict=True)):
             return False  # a window of warm-up steps only, or nothing measured: the same answer on every rank
         measured_speeds = [s / b for s, b in zip(samples, busy, strict=True)]
@@ -217,8 +219,11 @@ class ThroughputBalancer:
         if last is not None and len(last[0]) == world and plans_known:
             last_speeds, last_fixed = list(last[0]), list(last[1])
             sizes = list(zip(*self._window_plans, strict=True))
+        # Load that comes and goes puts two windows in a row off the estimate often: a change must stand out of the
+        # noise as it was before the first of the two (which that window's deviation then raised).
+        threshold = max(CHANGE, NOISE_MARGIN * self._noise_before)
         speeds = [
-            follow_change(p, m, last, self.smoothing, rank_sizes)
+            follow_change(p, m, last, self.smoothing, rank_sizes, threshold)
             for p, m, last, rank_sizes in zip(previous_speeds, measured_speeds, last_speeds, sizes, strict=True)
         ]
         fixed_seconds = [  # a rank whose speed changed: its fixed work too (the same cause slows both)
@@ -238,8 +243,9 @@ class ThroughputBalancer:
         )
         margin = NOISE_MARGIN * self.noise
         planned = proposed if changed else beyond_noise(old, proposed, self.speeds, self.fixed_seconds, margin)
-        seconds_per_step = {plan: seconds for plan, (_, seconds) in self._measured.items()}
-        self.plan.batch_sizes = prefer_measured(planned, seconds_per_step)
+        seconds_per_step = {plan: seconds for plan, (_, seconds, _) in self._measured.items()}
+        errors = {plan: error for plan, (_, _, error) in self._measured.items()}
+        self.plan.batch_sizes = prefer_measured(planned, seconds_per_step, errors, z=NOISE_MARGIN)
         self.plan.speeds = list(self.speeds)
         per_step = [(b + f) / n for b, f, n in zip(busy, fixed, steps, strict=True)]
         slowest = max(per_step)
@@ -252,6 +258,7 @@ class ThroughputBalancer:
                 "busy_seconds": per_step,
                 "idle_fraction": [1 - b / slowest if slowest > 0 else 0.0 for b in per_step],
                 "step_seconds": measured_step,  # wall time per step under the window's plan (`old`)
+                "step_seconds_error": step_error if measured_step is not None else None,  # its standard error
                 "proposed": proposed,  # the model's plan, before the noise gate and the measured step times
                 "noise": self.noise,
             }
@@ -309,10 +316,11 @@ def follow_change(
     last: float | None,
     smoothing: float,
     sizes: tuple[int, ...] = (),
+    threshold: float = CHANGE,
 ) -> tuple[float, bool]:
     """A rank's new speed estimate: the moving average, or the mean of the last two windows when both are more
-    than `CHANGE` (relative) away from `previous` on the same side, within `CHANGE` of each other, and the plan
-    does not explain it (then True: a lasting change, not noise).
+    than `threshold` (relative) away from `previous` on the same side, within `CHANGE` of each other, and the
+    plan does not explain it (then True: a lasting change, not noise).
 
     `sizes`: the rank's batch size in the window before the two, and in each of them. A rank measures faster
     with fewer samples under a cpu quota (it runs at full speed while it has quota left), and slower with more:
@@ -320,7 +328,7 @@ def follow_change(
     """
     if previous is not None and last is not None and previous > 0 and len(sizes) == 3:
         deviations = ((measured - previous) / previous, (last - previous) / previous)
-        faster, slower = all(d > CHANGE for d in deviations), all(d < -CHANGE for d in deviations)
+        faster, slower = all(d > threshold for d in deviations), all(d < -threshold for d in deviations)
         before, *during = sizes
         explained = (faster and min(during) < before) or (slower and max(during) > before)
         mean = (measured + last) / 2
@@ -329,13 +337,15 @@ def follow_change(
     return smoothed(previous, measured, smoothing), False
 
 
-def _mean_without_outliers(values: list[float]) -> float:
-    """The mean of `values` without those above `OUTLIER` times their median; 0 for none."""
+def _step_time_summary(values: list[float]) -> tuple[float, float]:
+    """The mean of `values` without those above `OUTLIER` times their median, and its standard error (0 for
+    fewer than two); (0, 0) for none."""
     if not values:
-        return 0.0
+        return 0.0, 0.0
     median = statistics.median(values)
     kept = [value for value in values if value <= OUTLIER * median]
-    return statistics.fmean(kept)
+    error = statistics.stdev(kept) / len(kept) ** 0.5 if len(kept) > 1 else 0.0
+    return statistics.fmean(kept), error
 
 
 def require_balancer(value: Any) -> ThroughputBalancer | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 
@@ -132,8 +133,14 @@ def beyond_noise(
     return list(proposed) if after < (1 - noise) * before else list(current)
 
 
-def prefer_measured(proposed: Sequence[int], seconds_per_step: Mapping[tuple[int, ...], float]) -> list[int]:
-    """`proposed`, unless it ran recently and another plan that ran recently was faster: then that plan.
+def prefer_measured(
+    proposed: Sequence[int],
+    seconds_per_step: Mapping[tuple[int, ...], float],
+    errors: Mapping[tuple[int, ...], float] | None = None,
+    z: float = 2.0,
+) -> list[int]:
+    """`proposed`, unless it ran recently and another plan that ran recently was measurably faster: then that
+    plan.
 
     The step-time model is linear, and some effects are not: a rank held to a CPU quota runs at full speed
     while it has quota left, so given a little less work than it can sustain it measures faster than it is,
@@ -141,12 +148,19 @@ def prefer_measured(proposed: Sequence[int], seconds_per_step: Mapping[tuple[int
     the plans that ran in the last few windows (the same numbers on every rank); the measured step time, which
     is what a plan is for, then decides between plans the model keeps returning to. A proposal that has not
     run recently is always tried, so the model can still follow a real change of speed.
+
+    `errors`: each plan's standard error of its window's mean step time. Under load that comes and goes, the
+    fastest of several windows is the luckiest one, not the best plan: another plan must be faster by more than
+    `z` times the standard error of the difference.
     """
-    seconds = seconds_per_step.get(tuple(proposed))
+    plan = tuple(proposed)
+    seconds = seconds_per_step.get(plan)
     if seconds is None:
         return list(proposed)
-    best = min(seconds_per_step, key=lambda plan: (seconds_per_step[plan], plan))
-    return list(best) if seconds_per_step[best] < seconds else list(proposed)
+    best = min(seconds_per_step, key=lambda other: (seconds_per_step[other], other))
+    errors = errors or {}
+    margin = z * math.hypot(errors.get(best, 0.0), errors.get(plan, 0.0))
+    return list(best) if seconds_per_step[best] + margin < seconds else list(proposed)
 
 
 def smoothed(previous: float | None, measured: float, smoothing: float) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -153,11 +155,20 @@ def test_prefer_measured_lets_the_measured_step_time_decide_between_plans_that_r
     assert prefer_measured([2, 2], {(3, 1): 0.1, (1, 3): 0.1, (2, 2): 0.2}) == [1, 3]  # ties: the same on every rank
 
 
+def test_a_measured_plan_must_beat_the_proposal_by_more_than_its_step_times_spread() -> None:
+    measured = {(22, 10): 0.158, (16, 16): 0.171}  # 13 ms faster
+    steady = {(22, 10): 0.002, (16, 16): 0.003}  # standard errors of the windows' mean step times
+    assert prefer_measured([16, 16], measured, steady) == [22, 10]
+    swinging = {(22, 10): 0.006, (16, 16): 0.004}  # 2 x 7.2 ms > 13 ms: the luckiest window, not the best plan
+    assert prefer_measured([16, 16], measured, swinging) == [16, 16]
+    assert prefer_measured([16, 16], measured, swinging, z=1.0) == [22, 10]
+
+
 def test_a_plans_step_time_is_measured_on_the_batches_it_cut_and_replaces_the_older_one() -> None:
     balancer = ThroughputBalancer(replan_every=1, smoothing=0.0, tolerance=0.0, warmup_steps=0)
     balancer.setup(global_batch_size=32, world_size=1)
     balancer.plan.batch_sizes = [32]
-    balancer._measured = {(32,): (0, 0.1)}
+    balancer._measured = {(32,): (0, 0.1, 0.0)}
     balancer.record(samples=32, busy_seconds=0.2, step_seconds=0.3)  # a plan that ran slower now
     balancer.maybe_replan(step=1, device=torch.device("cpu"))
     assert balancer.history[-1]["step_seconds"] == pytest.approx(0.3) and balancer._measured[(32,)][1] == 0.3
@@ -176,9 +187,9 @@ def test_one_odd_window_is_smoothed_but_two_on_the_same_side_are_followed() -> N
         return balancer.speeds[0]
 
     assert window(1, 0.2) == pytest.approx(160.0)
-    assert window(2, 0.4) == pytest.approx(0.8 * 160 + 0.2 * 80)  # one slow window: noise until confirmed
-    assert window(3, 0.2) == pytest.approx(0.8 * 144 + 0.2 * 160)  # back: it was noise
-    assert window(4, 0.4) == pytest.approx(0.8 * 147.2 + 0.2 * 80)
+    assert window(2, 0.25) == pytest.approx(0.8 * 160 + 0.2 * 128)  # one slow window: noise until confirmed
+    assert window(3, 0.2) == pytest.approx(0.8 * 153.6 + 0.2 * 160)  # back: it was noise
+    assert window(4, 0.4) == pytest.approx(0.8 * 154.88 + 0.2 * 80)
     assert window(5, 0.4) == pytest.approx(80.0)  # the second slow window in a row: the rank turned slow
     assert window(6, 0.21) == pytest.approx(0.8 * 80 + 0.2 * 32 / 0.21)  # one fast window: smoothed again
     assert window(7, 0.2) == pytest.approx((32 / 0.21 + 160) / 2)  # and recovered: followed at the second
@@ -192,6 +203,25 @@ def test_a_speed_change_that_the_plan_explains_is_only_averaged_in() -> None:
     assert follow_change(100.0, 60.0, 62.0, 0.8, (10, 16, 16)) == (pytest.approx(92.0), False)  # more samples
     assert follow_change(100.0, 60.0, 62.0, 0.8, (16, 16, 16)) == (61.0, True)  # slower at the same batch
     assert follow_change(100.0, 150.0, 148.0, 0.8) == (pytest.approx(110.0), False)  # not yet three windows
+
+
+def test_a_change_must_stand_out_of_the_noise() -> None:
+    # two windows 30% slower: a change when speeds stray 10% (threshold 20%), noise when they stray 20% (40%)
+    assert follow_change(100.0, 70.0, 70.0, 0.8, (16, 16, 16), threshold=0.2) == (70.0, True)
+    assert follow_change(100.0, 70.0, 70.0, 0.8, (16, 16, 16), threshold=0.4) == (pytest.approx(94.0), False)
+    assert follow_change(100.0, 50.0, 50.0, 0.8, (16, 16, 16), threshold=0.4) == (50.0, True)  # a real one
+
+    def windows(noise: float, speeds: list[float]) -> bool:  # whether the balancer saw a change in them
+        balancer = ThroughputBalancer(replan_every=1, smoothing=0.8, tolerance=0.0, warmup_steps=0)
+        balancer.setup(global_batch_size=32, world_size=1)
+        for step, speed in enumerate(speeds, start=1):
+            balancer.noise = noise
+            balancer.record(samples=32, busy_seconds=32 / speed)
+            balancer.maybe_replan(step=step, device=torch.device("cpu"))
+        return balancer.speeds[0] == pytest.approx(sum(speeds[-2:]) / 2)
+
+    assert windows(0.05, [100.0, 100.0, 70.0, 70.0])
+    assert not windows(0.2, [100.0, 100.0, 70.0, 70.0])
 
 
 def test_a_plan_must_promise_more_than_the_noise() -> None:
@@ -228,10 +258,11 @@ def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() ->
 
 
 def test_steps_far_slower_than_the_window_median_do_not_count() -> None:
-    from lightning_eff.balancing.balancers import _mean_without_outliers
+    from lightning_eff.balancing.balancers import _step_time_summary
 
-    assert _mean_without_outliers([0.1, 0.1, 0.12, 2.0]) == pytest.approx(0.32 / 3)  # validation ran in one
-    assert _mean_without_outliers([]) == 0.0
+    mean, error = _step_time_summary([0.1, 0.1, 0.12, 2.0])  # validation ran in one
+    assert mean == pytest.approx(0.32 / 3) and error == pytest.approx(statistics.stdev([0.1, 0.1, 0.12]) / 3**0.5)
+    assert _step_time_summary([]) == (0.0, 0.0) and _step_time_summary([0.2]) == (0.2, 0.0)
 
 
 def test_warmup_steps_are_left_out_and_fixed_costs_are_measured_per_step() -> None:
