@@ -77,7 +77,7 @@ class ThroughputBalancer:
     reset to their mean (`follow_change`), so the plan follows within two re-plans; unless its batch moved the
     same way (under a cpu quota a rank given fewer samples measures faster, which is the plan's doing, not a
     change of the rank); the remembered step times of earlier plans, measured before the change, are then
-    forgotten.
+    forgotten, and the next window, the first on a plan cut for the new speed, replaces the estimate once more.
     Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink
     by more than twice the typical relative deviation of a window's measured speeds from the estimates (a moving
     average of it, 10% until measured), so load that comes and goes faster than a window does not move the
@@ -123,6 +123,7 @@ class ThroughputBalancer:
         self.noise = NOISE_PRIOR  # moving average of a window's largest relative deviation of a speed from its estimate
         self._noise_before = NOISE_PRIOR  # before the last window's update
         self._window_plans: list[list[int]] = []  # the plans the last three windows ran
+        self._settling: list[bool] = []  # per rank: its speed changed at the last re-plan
         self._steps = 0
         self._samples = 0
         self._busy_seconds = 0.0
@@ -230,6 +231,14 @@ class ThroughputBalancer:
             (m + f) / 2 if change and f is not None else smoothed(p, m, self.smoothing)
             for p, m, f, (_, change) in zip(previous_fixed, measured_fixed, last_fixed, speeds, strict=True)
         ]
+        # The window after a change settles it: the change's estimate averaged two windows that ran a plan cut for
+        # the old speed (a rank's speed depends a little on its batch), this one ran the plan cut for the new one.
+        settling = [rank < len(self._settling) and self._settling[rank] for rank in range(world)]
+        for rank, settle in enumerate(settling):
+            if settle and not speeds[rank][1]:
+                speeds[rank] = (measured_speeds[rank], False)
+                fixed_seconds[rank] = measured_fixed[rank]
+        self._settling = [change for _, change in speeds]
         changed = any(change for _, change in speeds)
         deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
         if changed:  # a lasting change is not noise: undo what its first window added

@@ -191,8 +191,9 @@ def test_one_odd_window_is_smoothed_but_two_on_the_same_side_are_followed() -> N
     assert window(3, 0.2) == pytest.approx(0.8 * 153.6 + 0.2 * 160)  # back: it was noise
     assert window(4, 0.4) == pytest.approx(0.8 * 154.88 + 0.2 * 80)
     assert window(5, 0.4) == pytest.approx(80.0)  # the second slow window in a row: the rank turned slow
-    assert window(6, 0.21) == pytest.approx(0.8 * 80 + 0.2 * 32 / 0.21)  # one fast window: smoothed again
-    assert window(7, 0.2) == pytest.approx((32 / 0.21 + 160) / 2)  # and recovered: followed at the second
+    assert window(6, 0.38) == pytest.approx(32 / 0.38)  # the window after a change settles it: taken as measured
+    assert window(7, 0.21) == pytest.approx(0.8 * 32 / 0.38 + 0.2 * 32 / 0.21)  # one fast window: smoothed again
+    assert window(8, 0.2) == pytest.approx((32 / 0.21 + 160) / 2)  # and recovered: followed at the second
 
 
 def test_a_speed_change_that_the_plan_explains_is_only_averaged_in() -> None:
