@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -129,8 +130,9 @@ class ThroughputBalancer:
         self._busy_seconds = 0.0
         self._fixed_seconds = 0.0
         self._step_times: list[float] = []  # this window's wall seconds per step, of steps cut by the plan
-        # plan -> (step, wall seconds per step, its standard error)
-        self._measured: dict[tuple[int, ...], tuple[int, float, float]] = {}
+        # plan -> its windows in the last PLAN_MEMORY re-plans: (step, wall seconds per step, its standard error)
+        self._measured: dict[tuple[int, ...], list[tuple[int, float, float]]] = {}
+        self.step_noise: float | None = None  # relative spread of a window's mean step time between windows of a plan
         self._recorded = 0
         self._last_replan = 0
 
@@ -199,10 +201,17 @@ class ThroughputBalancer:
         old = list(self.plan.batch_sizes)
         measured_step = max(step_seconds) if all(n > 0 for n in timed) else None  # steps are synchronous
         step_error = max(step_errors)
+        step_change = None  # relative difference from the plan's last window: how much windows of one plan spread
         if measured_step is not None:
-            self._measured[tuple(old)] = (step, measured_step, step_error)
+            windows = self._measured.setdefault(tuple(old), [])
+            if windows:
+                step_change = abs(measured_step - windows[-1][1]) / windows[-1][1]
+            windows.append((step, measured_step, step_error))
         oldest = step - PLAN_MEMORY * self.replan_every
-        self._measured = {plan: measured for plan, measured in self._measured.items() if measured[0] > oldest}
+        recent = {
+            plan: [window for window in windows if window[0] > oldest] for plan, windows in self._measured.items()
+        }
+        self._measured = {plan: windows for plan, windows in recent.items() if windows}
         if not all(n > 0 and s > 0 and b > 0 for n, s, b in zip(steps, samples, busy, strict=True)):
             return False  # a window of warm-up steps only, or nothing measured: the same answer on every rank
         measured_speeds = [s / b for s, b in zip(samples, busy, strict=True)]
@@ -244,16 +253,18 @@ class ThroughputBalancer:
         if changed:  # a lasting change is not noise: undo what its first window added
             self.noise = self._noise_before
             self._measured = {}  # and the step times plans measured before it are out of date
-        elif deviations:
-            self._noise_before, self.noise = self.noise, smoothed(self.noise, max(deviations), self.smoothing)
+        else:
+            if deviations:
+                self._noise_before, self.noise = self.noise, smoothed(self.noise, max(deviations), self.smoothing)
+            if step_change is not None:  # the standard deviation of one window, from a difference of two
+                self.step_noise = smoothed(self.step_noise, step_change / math.sqrt(2), self.smoothing)
         self.speeds, self.fixed_seconds = [v for v, _ in speeds], fixed_seconds
         proposed = plan_batch_sizes(
             sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
         )
         margin = NOISE_MARGIN * self.noise
         planned = proposed if changed else beyond_noise(old, proposed, self.speeds, self.fixed_seconds, margin)
-        seconds_per_step = {plan: seconds for plan, (_, seconds, _) in self._measured.items()}
-        errors = {plan: error for plan, (_, _, error) in self._measured.items()}
+        seconds_per_step, errors = self._measured_step_times()
         self.plan.batch_sizes = prefer_measured(planned, seconds_per_step, errors, z=NOISE_MARGIN)
         self.plan.speeds = list(self.speeds)
         per_step = [(b + f) / n for b, f, n in zip(busy, fixed, steps, strict=True)]
@@ -268,11 +279,28 @@ class ThroughputBalancer:
                 "idle_fraction": [1 - b / slowest if slowest > 0 else 0.0 for b in per_step],
                 "step_seconds": measured_step,  # wall time per step under the window's plan (`old`)
                 "step_seconds_error": step_error if measured_step is not None else None,  # its standard error
+                "step_noise": self.step_noise,
                 "proposed": proposed,  # the model's plan, before the noise gate and the measured step times
                 "noise": self.noise,
             }
         )
         return self.plan.batch_sizes != old
+
+    def _measured_step_times(self) -> tuple[dict[tuple[int, ...], float], dict[tuple[int, ...], float]]:
+        """Each remembered plan's mean step time over its windows, and the standard error of that mean.
+
+        A window's steps are not independent samples: load that comes and goes lasts several steps, so the spread
+        within a window understates how much the next window of the same plan differs. The error of one window
+        is the larger of its within-window standard error and `step_noise` (the spread between windows of one
+        plan), and shrinks with the square root of the plan's number of windows.
+        """
+        seconds_per_step, errors = {}, {}
+        for plan, windows in self._measured.items():
+            mean = statistics.fmean(seconds for _, seconds, _ in windows)
+            within = max(error for _, _, error in windows)
+            seconds_per_step[plan] = mean
+            errors[plan] = max(within, (self.step_noise or 0.0) * mean) / math.sqrt(len(windows))
+        return seconds_per_step, errors
 
     # --- what a user reads ----------------------------------------------------------------------------
 

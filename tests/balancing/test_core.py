@@ -164,17 +164,29 @@ def test_a_measured_plan_must_beat_the_proposal_by_more_than_its_step_times_spre
     assert prefer_measured([16, 16], measured, swinging, z=1.0) == [22, 10]
 
 
-def test_a_plans_step_time_is_measured_on_the_batches_it_cut_and_replaces_the_older_one() -> None:
+def test_when_windows_of_one_plan_spread_widely_a_luckier_plan_does_not_replace_the_proposal() -> None:
+    balancer = ThroughputBalancer()
+    balancer._measured = {(16, 16): [(10, 0.25, 0.005), (30, 0.30, 0.005)], (20, 12): [(20, 0.22, 0.005)]}
+    balancer.step_noise = 0.2  # load that comes and goes: windows of one plan differ by about 20%
+    assert prefer_measured([16, 16], *balancer._measured_step_times(), z=2.0) == [16, 16]
+    balancer.step_noise = 0.02  # steady: the 20% faster plan is real
+    assert prefer_measured([16, 16], *balancer._measured_step_times(), z=2.0) == [20, 12]
+
+
+def test_a_plans_step_time_is_the_mean_of_its_windows_on_the_batches_it_cut_and_its_spread_is_learned() -> None:
     balancer = ThroughputBalancer(replan_every=1, smoothing=0.0, tolerance=0.0, warmup_steps=0)
     balancer.setup(global_batch_size=32, world_size=1)
     balancer.plan.batch_sizes = [32]
-    balancer._measured = {(32,): (0, 0.1, 0.0)}
+    balancer._measured = {(32,): [(0, 0.1, 0.0)]}
     balancer.record(samples=32, busy_seconds=0.2, step_seconds=0.3)  # a plan that ran slower now
     balancer.maybe_replan(step=1, device=torch.device("cpu"))
-    assert balancer.history[-1]["step_seconds"] == pytest.approx(0.3) and balancer._measured[(32,)][1] == 0.3
+    assert balancer.history[-1]["step_seconds"] == pytest.approx(0.3) and balancer._measured[(32,)][-1][1] == 0.3
+    assert balancer.step_noise == pytest.approx(2.0 / 2**0.5)  # two windows of one plan, 0.1 and 0.3
+    seconds, errors = balancer._measured_step_times()
+    assert seconds == {(32,): pytest.approx(0.2)} and errors == {(32,): pytest.approx(0.2)}  # 1.41 x 0.2 / sqrt(2)
     balancer.record(samples=16, busy_seconds=0.1, step_seconds=9.0)  # a batch of another size (an old plan)
     balancer.maybe_replan(step=2, device=torch.device("cpu"))
-    assert balancer.history[-1]["step_seconds"] is None and balancer._measured[(32,)][1] == 0.3
+    assert balancer.history[-1]["step_seconds"] is None and len(balancer._measured[(32,)]) == 2
 
 
 def test_one_odd_window_is_smoothed_but_two_on_the_same_side_are_followed() -> None:
