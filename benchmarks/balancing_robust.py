@@ -46,7 +46,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from balancing import FULL, QUICK, Plan, Runner, busy_core, quota_cgroup, shares_text, throughput
+from balancing import FULL, QUICK, Plan, Runner, busy_core, quota_cgroup, shares_text, throughput, timed_rows
 from harness import (
     Goal,
     JobFailed,
@@ -110,7 +110,10 @@ def run_one(runner: Runner, plan: Plan, scenario: str, method: str, round_index:
             fields = {"slow_rank": 1, "stall_ms": args.stall_ms, "stall_period_ms": args.stall_period_ms}
         ranks = runner.run([runner.job(name, method, plan.slow_steps, **fields)], cores=[None])[0]
     history = ranks[0].get("history", [])
+    steps = timed_rows(ranks, plan.measure_from)
+    equal = sum(len({row["samples"] for row in step}) == 1 for step in steps)
     return throughput(ranks, plan.measure_from) | {
+        "equal_split_share": equal / len(steps),  # of the timed steps: did the balancer move at all?
         "splits": shares_text(history),
         "history": history,
         "rows": ranks[0]["rows"],
@@ -164,6 +167,8 @@ def report_steady(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
         rows,
     )
     for scenario, by_method in runs.items():
+        shares = " ".join(f"{run.get('equal_split_share', float('nan')):.0%}" for run in by_method["balanced"])
+        print(f"{scenario}: timed steps at the equal split, per round: {shares}")
         for index, run in enumerate(by_method["balanced"]):
             print(f"{scenario} round {index + 1} splits (step:rank0/rank1): {run['splits']}")
     return {"scenarios": summary, "goals": report_goals(*goals)}
