@@ -169,7 +169,7 @@ class Job:
     """One training run, passed as JSON on the command line (Lightning hands rank 1 the same)."""
 
     name: str
-    method: str  # "plain", "balanced" (ThroughputBalancer) or "cost" (CostBalancer)
+    method: str  # "plain", "balanced" (ThroughputBalancer), "frozen" (one that keeps the equal split), "cost"
     variable_length: bool
     devices: int
     steps: int
@@ -238,7 +238,12 @@ def strategy(job: Job, plan: Plan) -> DDPStrategy | str:
         return "auto"
     if job.method == "plain":
         return DDPStrategy(process_group_backend="gloo")
-    balancer = CostBalancer("tokens") if job.method == "cost" else ThroughputBalancer(replan_every=plan.replan_every)
+    if job.method == "cost":
+        balancer: CostBalancer | ThroughputBalancer = CostBalancer("tokens")
+    elif job.method == "frozen":  # measures and exchanges as the balancer does, but keeps the equal split
+        balancer = ThroughputBalancer(replan_every=plan.replan_every, tolerance=0.99)
+    else:
+        balancer = ThroughputBalancer(replan_every=plan.replan_every)
     return EfficientDDPStrategy(balancer=balancer, process_group_backend="gloo")
 
 

@@ -167,6 +167,12 @@ def report_steady(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
         rows,
     )
     for scenario, by_method in runs.items():
+        if "frozen" in by_method:  # the control: the balancer's measuring and exchanging, at the equal split
+            frozen = [rate_of(f) / rate_of(p) for p, f in zip(by_method["plain"], by_method["frozen"], strict=True)]
+            summary[scenario]["frozen_ratios"] = frozen
+            print(
+                f"{scenario}: equal split kept (control) / plain DDP per round: " + " ".join(f"{r:.2f}" for r in frozen)
+            )
         shares = " ".join(f"{run.get('equal_split_share', float('nan')):.0%}" for run in by_method["balanced"])
         print(f"{scenario}: timed steps at the equal split, per round: {shares}")
         for index, run in enumerate(by_method["balanced"]):
@@ -245,6 +251,9 @@ def main() -> None:
     parser.add_argument("--stall-period-ms", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None)
+    parser.add_argument(
+        "--control", action="store_true", help="also run a balancer that keeps the equal split (its overhead alone)"
+    )
     args = parser.parse_args()
     chosen = parse_choices(args.only, STEADY + CHANGES, "--only", parser)
     if len(os.sched_getaffinity(0)) < 2:
@@ -261,15 +270,15 @@ def main() -> None:
     exit_on_sigterm()
     report: dict[str, Any] = {"command": command, "machine": machine, "plan": asdict(plan), "parts": {}}
     runner = Runner(plan, args.seed)
+    methods = ("plain", "balanced", "frozen") if args.control else ("plain", "balanced")
     steady: dict[str, dict[str, list[dict[str, Any]]]] = {
-        s: {"plain": [], "balanced": []} for s in chosen if s in STEADY
+        s: {method: [] for method in methods} for s in chosen if s in STEADY
     }
     try:
         for round_index in range(args.rounds):
             order = list(steady) if round_index % 2 == 0 else list(reversed(steady))
             for scenario in order:
-                methods = ("plain", "balanced") if round_index % 2 == 0 else ("balanced", "plain")
-                for method in methods:
+                for method in methods if round_index % 2 == 0 else tuple(reversed(methods)):
                     steady[scenario][method].append(run_one(runner, plan, scenario, method, round_index, args))
             progress(f"round {round_index + 1} of {args.rounds} done")
         changes: dict[str, list[dict[str, Any]]] = {c: [] for c in chosen if c in CHANGES}
