@@ -333,7 +333,8 @@ class ThroughputBalancer:
 
         A checkpoint written before the fixed-cost model (no ``fixed_seconds``) holds speeds of forward time
         alone, a different unit: its plan is kept, but its speeds are not averaged with the new measurements.
-        The measured step times of recent plans are not saved: after a resume every proposal is tried anew.
+        The measured step times of recent plans (and their spread, `step_noise`) are not saved: after a resume
+        every proposal is tried anew.
         """
         self.plan.batch_sizes = list(state["batch_sizes"])
         speeds = list(state["speeds"])
