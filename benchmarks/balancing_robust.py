@@ -173,7 +173,7 @@ def report_steady(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
             print(
                 f"{scenario}: equal split kept (control) / plain DDP per round: " + " ".join(f"{r:.2f}" for r in frozen)
             )
-        shares = " ".join(f"{run.get('equal_split_share', float('nan')):.0%}" for run in by_method["balanced"])
+        shares = " ".join(f"{run['equal_split_share']:.0%}" for run in by_method["balanced"])
         print(f"{scenario}: timed steps at the equal split, per round: {shares}")
         for index, run in enumerate(by_method["balanced"]):
             print(f"{scenario} round {index + 1} splits (step:rank0/rank1): {run['splits']}")

@@ -242,7 +242,7 @@ class ThroughputBalancer:
         ]
         # The window after a change settles it: the change's estimate averaged two windows that ran a plan cut for
         # the old speed (a rank's speed depends a little on its batch), this one ran the plan cut for the new one.
-        settling = [rank < len(self._settling) and self._settling[rank] for rank in range(world)]
+        settling = self._settling if len(self._settling) == world else [False] * world
         for rank, settle in enumerate(settling):
             if settle and not speeds[rank][1]:
                 speeds[rank] = (measured_speeds[rank], False)
