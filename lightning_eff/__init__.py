@@ -4,6 +4,7 @@ from lightning_eff.distillation import KnowledgeDistillation
 from lightning_eff.pruning import GradualPruning
 from lightning_eff.quantization import QuantizationAwareTraining
 from lightning_eff.report import ReportContributor, ReportSection
+from lightning_eff.sigterm import SynchronizedSigterm
 from lightning_eff.strategies import EfficientDDPStrategy, EfficientModelParallelStrategy
 
 __version__ = "0.1.0"
@@ -16,5 +17,6 @@ __all__ = [
     "QuantizationAwareTraining",
     "ReportContributor",
     "ReportSection",
+    "SynchronizedSigterm",
     "__version__",
 ]

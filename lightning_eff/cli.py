@@ -42,6 +42,7 @@ from lightning_eff.report import (
     write_report,
 )
 from lightning_eff.sharding import plain_class
+from lightning_eff.sigterm import SynchronizedSigterm
 from lightning_eff.slurm import JobRequeued, check_slurm_launch, requeue_job, slurm_plugins
 from lightning_eff.strategies import EfficientDDPStrategy, EfficientModelParallelStrategy
 from lightning_eff.throughput import ThroughputMeter
@@ -154,7 +155,8 @@ def build_trainer(
         check_shardable(settings, cfg.model._target_, model)
     plugins, slurm_callbacks = slurm_plugins()
     plugins.append(AtomicCheckpointIO())  # a job killed mid-save leaves the previous checkpoint whole
-    callbacks: list[L.Callback] = [ThroughputMeter()]
+    # SynchronizedSigterm: on SIGTERM every rank stops at the same step (Lightning's own handler can hang DDP)
+    callbacks: list[L.Callback] = [ThroughputMeter(), SynchronizedSigterm()]
     if settings.trainer.enable_checkpointing:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
     if not trainer_kwargs["enable_progress_bar"]:
