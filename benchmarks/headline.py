@@ -29,12 +29,13 @@ Configurations:
     no_balancer     all without the ThroughputBalancer
 
 The interruption: half an epoch after the run's first checkpoint at or past half the steps (half the time between
-its last two checkpoints, so about half an epoch of steps is lost), rank 0 gets SIGTERM (Lightning passes it on to
-rank 1 and both stop at the next batch; `--signal KILL` kills the whole process group instead, a lost node), and
-after `--grace` seconds whatever is left of the job is killed. Then the same command is run again
-(`resume=auto` with the same `run_dir`), which resumes from the newest whole checkpoint with every plugin's state
-(README, "Failure and resume"). This is an interrupt-and-relaunch on one machine, not the SLURM requeue path
-(`tests/slurm` tests that one). The peer runs uninterrupted: the conservative side for the comparison.
+its last two checkpoints, so about half an epoch of steps is lost), rank 0 gets SIGTERM (the app's
+`SynchronizedSigterm` passes it on to rank 1 and both stop after the same step; `--signal KILL` kills the whole
+process group instead, a lost node), and after `--grace` seconds whatever is left of the job is killed. Then the
+same command is run again (`resume=auto` with the same `run_dir`), which resumes from the newest whole checkpoint
+with every plugin's state (README, "Failure and resume"). This is an interrupt-and-relaunch on one machine, not
+the SLURM requeue path (`tests/slurm` tests that one). The peer runs uninterrupted: the conservative side for the
+comparison.
 
 Measured per configuration: wall seconds from the first launch to the end of the last (both launches, the
 restart, validation, test, QAT conversion and export included), the test loss from the app's `report.json` (the
@@ -267,7 +268,7 @@ def launch(
                     if setup.signal == "KILL":
                         os.killpg(process.pid, signal.SIGKILL)
                     else:
-                        os.kill(process.pid, signal.SIGTERM)  # rank 0; Lightning passes it on to rank 1
+                        os.kill(process.pid, signal.SIGTERM)  # rank 0; it passes it on to rank 1
             if signalled_at and now - signalled_at > setup.grace:
                 break  # not stopped within the grace: killed below, like a node that is taken away
     finally:
