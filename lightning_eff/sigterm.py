@@ -28,6 +28,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank: one all-reduce of one number (a collective: call it on every rank)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # ranks may get a signal in different steps
+    return bool(value.item())
+
+
 class SynchronizedSigterm(L.Callback):
     """Stop every rank at the same step on SIGTERM, with no collective inside the signal handler.
 
@@ -76,17 +84,11 @@ class SynchronizedSigterm(L.Callback):
             self._installed, self._previous = False, None
         self._trainer = None
 
-    def _any_rank_signalled(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self._signalled else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one number per step: ranks may get the signal apart
-        return bool(flag.item())
-
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._installed or not self._any_rank_signalled(pl_module.device):
+        if not self._installed or not any_rank(self._signalled, pl_module.device):
             return
         if not trainer.received_sigterm:
             rank_zero_info(f"SIGTERM: every rank stops after step {trainer.global_step}")

@@ -17,13 +17,12 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-import torch
-import torch.distributed as dist
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_eff.sigterm import any_rank
 from lightning_eff.validation import ConfigError
 
 
@@ -101,17 +100,11 @@ class SlurmRequeue(L.Callback):
             signal.signal(self.signum, self._previous)
             self._previous = None
 
-    def _any_rank_signalled(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self._signalled else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one float per step: ranks may get the signal apart
-        return bool(flag.item())
-
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._any_rank_signalled(pl_module.device):
+        if not any_rank(self._signalled, pl_module.device):
             return
         path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
