@@ -46,20 +46,16 @@ class SynchronizedSigterm(L.Callback):
 
     def __init__(self) -> None:
         self._signalled = False
-        self._forwarded = False
-        self._installed = False
         self._previous: Any = None  # the handler this one replaced (Lightning's), restored at teardown
         self._users_handler: Any = None  # the handler set before fit, if any
-        self._trainer: L.Trainer | None = None
+        self._trainer: L.Trainer | None = None  # set while this handler is installed
 
     def _note_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signalled = True
-        trainer = self._trainer
-        if trainer is not None and not self._forwarded:
-            self._forwarded = True
-            launcher = trainer.strategy.launcher
+        if not self._signalled and self._trainer is not None:
+            launcher = self._trainer.strategy.launcher
             if launcher is not None:
-                launcher.kill(signum)  # the ranks this process started (rank 0 of a local launch)
+                launcher.kill(signum)  # the ranks this process started (rank 0 of a local launch), once
+        self._signalled = True
         if callable(self._users_handler):
             self._users_handler(signum, frame)  # one that was set before fit, as Lightning also calls it
 
@@ -73,22 +69,20 @@ class SynchronizedSigterm(L.Callback):
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread; Lightning's stays
         self._trainer = trainer
-        self._signalled = self._forwarded = False
+        self._signalled = False
         self._previous = signal.signal(signal.SIGTERM, self._note_signal)
-        self._installed = True
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._installed:
+        if self._trainer is not None:
             signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._installed, self._previous = False, None
-        self._trainer = None
+            self._trainer, self._previous = None, None
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._installed or not any_rank(self._signalled, pl_module.device):
+        if self._trainer is None or not any_rank(self._signalled, pl_module.device):
             return
         if not trainer.received_sigterm:
             rank_zero_info(f"SIGTERM: every rank stops after step {trainer.global_step}")
