@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup pretrained run test check clean
+.PHONY: setup pretrained run test test-cluster check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ check: $(STAMP)
 	$(BIN)/ruff format --check lightning_eff hydra_plugins tests benchmarks examples
 	$(BIN)/mypy lightning_eff
 
+# `make test` is the default run (about 25 minutes on 2 cores); the SLURM cluster and fault-injection suites
+# (markers `slurm`, `faults`) run in `make test-cluster`. CI runs both.
+CLUSTER_SUITES := slurm or faults
+
 test: check
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not ($(CLUSTER_SUITES))" $(PYTEST_ARGS)
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m "$(CLUSTER_SUITES)" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .mypy_cache .ruff_cache
