@@ -2,6 +2,7 @@
 
 from lightning_eff.balancing.balancers import CostBalancer, ThroughputBalancer
 from lightning_eff.balancing.planner import (
+    agreed_by_windows,
     beyond_noise,
     equal_time_sizes,
     plan_batch_sizes,
@@ -17,6 +18,7 @@ __all__ = [
     "BatchPlan",
     "CostBalancer",
     "ThroughputBalancer",
+    "agreed_by_windows",
     "assign_by_cost",
     "beyond_noise",
     "equal_time_sizes",

@@ -11,7 +11,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from lightning_eff.balancing.planner import beyond_noise, plan_batch_sizes, prefer_measured, smoothed, split_by_weight
+from lightning_eff.balancing.planner import (
+    agreed_by_windows,
+    beyond_noise,
+    plan_batch_sizes,
+    prefer_measured,
+    smoothed,
+    split_by_weight,
+)
 from lightning_eff.balancing.sampler import BatchPlan
 from lightning_eff.validation import ConfigError, check, check_fraction, check_int
 
@@ -82,8 +89,10 @@ class ThroughputBalancer:
     Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink
     by more than twice the typical relative deviation of a window's measured speeds from the estimates (a moving
     average of it, 10% until measured), so load that comes and goes faster than a window does not move the
-    split: on equal ranks a wrong split costs as much as the gain it promised. A move back toward the equal
-    split needs no such proof.
+    split: on equal ranks a wrong split costs as much as the gain it promised. A move away from the equal split
+    must also be asked for by each of the last two windows' own measurements (`agreed_by_windows`), so the
+    first re-plan never moves away from it, and load that lands on one rank for a single window does not move
+    the split. A move back toward the equal split needs no such proof.
 
     Args:
         replan_every: optimizer steps between re-plans.
@@ -263,7 +272,11 @@ class ThroughputBalancer:
             sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
         )
         margin = NOISE_MARGIN * self.noise
-        planned = proposed if changed else beyond_noise(old, proposed, self.speeds, self.fixed_seconds, margin)
+        planned = proposed
+        if not changed:  # a move away from the equal split: beyond the noise, by the estimates and by each window
+            own = [w for w in (last, self._last_measured) if w is not None and len(w[0]) == world]
+            planned = beyond_noise(old, proposed, self.speeds, self.fixed_seconds, margin)
+            planned = agreed_by_windows(old, planned, own, margin)
         seconds_per_step, errors = self._measured_step_times()
         self.plan.batch_sizes = prefer_measured(planned, seconds_per_step, errors, z=NOISE_MARGIN)
         self.plan.speeds = list(self.speeds)

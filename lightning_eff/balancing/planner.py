@@ -125,12 +125,41 @@ def beyond_noise(
     """
     if len(current) != len(proposed) or sum(current) != sum(proposed) or list(current) == list(proposed):
         return list(proposed)
-    equal = sum(current) / len(current)
-    if max(abs(p - equal) for p in proposed) < max(abs(c - equal) for c in current):
+    if closer_to_equal(current, proposed):
         return list(proposed)
     before = predicted_step_seconds(current, speeds, fixed_seconds)
     after = predicted_step_seconds(proposed, speeds, fixed_seconds)
     return list(proposed) if after < (1 - noise) * before else list(current)
+
+
+def closer_to_equal(current: Sequence[int], proposed: Sequence[int]) -> bool:
+    """Whether `proposed`'s largest departure from the equal split is smaller than `current`'s."""
+    equal = sum(current) / len(current)
+    return max(abs(p - equal) for p in proposed) < max(abs(c - equal) for c in current)
+
+
+def agreed_by_windows(
+    current: Sequence[int],
+    proposed: Sequence[int],
+    windows: Sequence[tuple[Sequence[float], Sequence[float]]],
+    noise: float,
+    needed: int = 2,
+) -> list[int]:
+    """`proposed` if it moves toward the equal split, or if each of the last `needed` `windows` (a window's own
+    measured speeds and fixed seconds) alone predicts it shortens the step by more than `noise`; else `current`.
+
+    The estimates are moving averages, and at the first re-plan they are one window: load that lands on one
+    rank for a single window (a co-located job's burst) looks like a slow rank, and moving work off a rank that
+    was not slow costs as much as the move promised. Load that lasts shows in two windows in a row; an
+    imbalance that lasts is worth following a window later.
+    """
+    if list(proposed) == list(current) or len(current) != len(proposed) or closer_to_equal(current, proposed):
+        return list(proposed)
+    recent = windows[-needed:]
+    if len(recent) < needed:
+        return list(current)
+    agree = all(beyond_noise(current, proposed, speeds, fixed, noise) == list(proposed) for speeds, fixed in recent)
+    return list(proposed) if agree else list(current)
 
 
 def prefer_measured(

@@ -12,6 +12,7 @@ from lightning_eff.balancing import (
     BatchPlan,
     CostBalancer,
     ThroughputBalancer,
+    agreed_by_windows,
     assign_by_cost,
     beyond_noise,
     equal_time_sizes,
@@ -334,3 +335,14 @@ def test_global_size_and_sample_weight_make_the_sample_mean() -> None:
     assert [sampler.global_size(i) for i in range(len(sampler))] == [64, 65]  # 1 left over joins the last
     weights = [sample_weight(48, 64, 2), sample_weight(16, 64, 2)]
     assert weights == [1.5, 0.5] and sum(weights) / 2 == 1.0  # DDP's mean of weighted losses = sample mean
+
+
+def test_a_move_away_from_the_equal_split_needs_two_windows_that_each_ask_for_it() -> None:
+    slow_rank_1 = ([200.0, 100.0], [0.0, 0.0])  # one window's measured speeds and fixed seconds
+    even = ([150.0, 150.0], [0.0, 0.0])
+    assert agreed_by_windows([16, 16], [21, 11], [slow_rank_1], noise=0.2) == [16, 16]  # the first re-plan
+    assert agreed_by_windows([16, 16], [21, 11], [even, slow_rank_1], noise=0.2) == [16, 16]  # a burst
+    assert agreed_by_windows([16, 16], [21, 11], [slow_rank_1, slow_rank_1], noise=0.2) == [21, 11]  # it lasts
+    assert agreed_by_windows([16, 16], [21, 11], [slow_rank_1, slow_rank_1], noise=0.5) == [16, 16]  # in the noise
+    assert agreed_by_windows([21, 11], [17, 15], [], noise=0.9) == [17, 15]  # back toward equal: no proof needed
+    assert agreed_by_windows([16, 16], [16, 16], [], noise=0.0) == [16, 16]
