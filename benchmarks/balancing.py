@@ -34,6 +34,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -82,6 +83,7 @@ QUOTA_PERIOD_US = 100_000
 QUOTA_US = 50_000  # 50% of one core
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
 CGROUP_V2 = Path("/sys/fs/cgroup")
+LOAD_ON = 0.4  # the chance that a random-load busy loop is on for its next stretch of steps
 STARTUP_SECONDS = 180.0  # two interpreters importing torch and lightning on two busy cores
 LABELS = {"plain": "plain DDP (Lightning DDPStrategy)", "balanced": "ThroughputBalancer", "cost": "CostBalancer"}
 
@@ -169,7 +171,8 @@ class Job:
     """One training run, passed as JSON on the command line (Lightning hands rank 1 the same)."""
 
     name: str
-    method: str  # "plain", "balanced" (ThroughputBalancer), "frozen" (one that keeps the equal split), "cost"
+    method: str  # "plain", "balanced" (ThroughputBalancer), "frozen" (one that keeps the equal split), "cost",
+    # "pinned" (one that keeps `pinned_split`)
     variable_length: bool
     devices: int
     steps: int
@@ -182,6 +185,9 @@ class Job:
     stall_period_ms: int = 0
     change_at: int | None = None  # at this step the slow rank joins (`change="slows"`) or leaves ("recovers")
     change: str | None = None  # `cgroup`, instead of being in it from the start
+    load_pids: tuple[int, ...] = ()  # stopped busy loops, one per core, that rank 0 switches on and off by step
+    load_seed: int = 0  # the seed of their schedule: the same for every method of a round
+    pinned_split: tuple[int, ...] = ()  # method "pinned": this split from the first step on, never re-planned
 
 
 def batch_counts(trainer: L.Trainer, outputs: Any, batch: Any) -> dict[str, int]:
@@ -215,6 +221,39 @@ class ChangeSpeed(L.Callback):
             (join_cgroup if self.job.change == "slows" else leave_cgroup)(self.job.cgroup)
 
 
+class StepKeyedLoad(L.Callback):
+    """On rank 0: switch each busy loop in `pids` on (probability `LOAD_ON`) or off, and hold that for 1-8 steps,
+    on a schedule drawn from `seed` and keyed to the training step.
+
+    Keyed to the step, not the clock, both methods of a round meet the same load at the same step: a round's
+    ratio then measures the method, not when its startup happened to fall against a wall-clock schedule (which
+    swung a round's ratio by +-12% at identical decisions).
+    """
+
+    def __init__(self, pids: Sequence[int], seed: int) -> None:
+        self.pids = list(pids)
+        draw = random.Random(seed)
+        self.schedule: list[list[bool]] = [[] for _ in pids]  # per loop: on or off at each step
+        for states in self.schedule:
+            while len(states) < 100_000:
+                states.extend([draw.random() < LOAD_ON] * draw.randint(1, 8))
+        self._applied = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        step = trainer.global_step
+        if step == self._applied:
+            return
+        self._applied = step
+        for pid, states in zip(self.pids, self.schedule, strict=True):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT if states[step % len(states)] else signal.SIGSTOP)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for pid in self.pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+
 def start_stalls(stall_ms: int, period_ms: int) -> None:
     """A child that stops this process for `stall_ms` every `period_ms` (SIGSTOP, SIGCONT) until it exits: a
     co-located job that takes the core in bursts. It is in the job's process group, so it goes with the job."""
@@ -242,6 +281,9 @@ def strategy(job: Job, plan: Plan) -> DDPStrategy | str:
         balancer: CostBalancer | ThroughputBalancer = CostBalancer("tokens")
     elif job.method == "frozen":  # measures and exchanges as the balancer does, but keeps the equal split
         balancer = ThroughputBalancer(replan_every=plan.replan_every, tolerance=0.99)
+    elif job.method == "pinned":  # a given split, never re-planned: the best split, as a reference
+        balancer = ThroughputBalancer(replan_every=2**62)
+        balancer.plan.batch_sizes = list(job.pinned_split)  # setup keeps a plan that fits the global batch
     else:
         balancer = ThroughputBalancer(replan_every=plan.replan_every)
     return EfficientDDPStrategy(balancer=balancer, process_group_backend="gloo")
@@ -259,6 +301,8 @@ def worker(job: Job) -> None:
             callbacks.append(ChangeSpeed(job))
         if job.stall_ms:
             start_stalls(job.stall_ms, job.stall_period_ms)
+    if rank == 0 and job.load_pids:
+        callbacks.append(StepKeyedLoad(job.load_pids, job.load_seed))
     torch.set_num_threads(1)  # one core per rank: more threads would only contend
     quiet_lightning()
     plan = Plan(**job.plan)

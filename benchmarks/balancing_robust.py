@@ -3,7 +3,10 @@ and goes, or is not there at all (issue #15).
 
 The jobs are `benchmarks/balancing.py`'s (the small GPT, 2 CPU processes, gloo, rank r pinned to core r, the
 same seed, global batch and steps for both methods). Steady scenarios, each run by both methods in every round
-(the scenarios and the two methods' order alternate between rounds, so drift on the machine hits all alike):
+(the scenarios and the two methods' order alternate between rounds, so drift on the machine hits all alike;
+``none`` and ``random``, whose goal holds in every round, run each method `--repeats` times a round in mirrored
+order, A B B A, and a round's rate is the mean of its runs: one run of a method measured up to 5% off the next
+on a quiet machine):
 
 - ``none``: nothing slowed;
 - ``quota``: rank 1 in a cgroup with a cpu quota of 50% of its core;
@@ -11,13 +14,17 @@ same seed, global batch and steps for both methods). Steady scenarios, each run 
 - ``stall``: rank 1's process stopped (SIGSTOP) for `--stall-ms` every `--stall-period-ms` (a co-located job
   that takes the core in bursts: every other step or so at the defaults);
 - ``random``: background load that comes and goes on both cores: a busy loop pinned to each core, each switched
-  on (probability 0.4) or off every 0.3-1.5 s on a schedule drawn from the round's seed, so the two methods of
-  a round meet the same schedule from their launch on.
+  on (probability 0.4) or off for 1-8 steps at a time, on a schedule drawn from the round's seed and keyed to
+  the training step (`balancing.StepKeyedLoad`), so the two methods of a round meet the same load at the same
+  step. (A wall-clock schedule swung a round's ratio by +-12% at identical decisions: where each method's
+  startup happened to fall against it.)
 
-Then the changes, balanced runs only: rank 1 joins the quota cgroup at step `change_at` (``slows``) or leaves it
-there (``recovers``). For each, the wall time per step of every re-plan window after the change, against the
-best split's: the balanced steady runs' time per step in the new condition (``quota``, resp. ``none``), median
-over rounds. Goal: within 5% of it in the window after at most 3 re-plans.
+Then the changes: rank 1 joins the quota cgroup at step `change_at` (``slows``) or leaves it there
+(``recovers``), run by the balancer and, in the same round, by a balancer pinned to the best split for the new
+condition (the split the balanced steady runs of ``quota``, resp. ``none``, ended on most often) from the first
+step. Goal: from the third re-plan after the change to the end of the run, the balanced run's wall time per
+step within 5% of the pinned run's over the same steps, in every round (each re-plan window is printed too).
+A same-round reference, because one split's time per step differed by up to 30% between runs.
 
 Throughput is the mean end-to-end rate over the timed steps (all their samples over their wall time: what a
 user gets, stalls and throttling included); each round's balanced/plain ratio is reported, with the median,
@@ -27,7 +34,7 @@ every round for `none` and `random`.
 Needs root for the cgroup and two CPU cores.
 
 Usage:
-    python benchmarks/balancing_robust.py [--quick] [--rounds 5] [--change-rounds 2]
+    python benchmarks/balancing_robust.py [--quick] [--rounds 5] [--change-rounds 2] [--repeats 2]
                                           [--only none,quota,busy,stall,random,slows,recovers] [--json PATH]
 """
 
@@ -35,13 +42,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
 import statistics
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -67,47 +72,38 @@ STEADY = ("none", "quota", "busy", "stall", "random")
 CHANGES = ("slows", "recovers")
 SLOWED = ("quota", "busy", "stall")  # goal: median >= 1.3x
 UNHARMED = ("none", "random")  # goal: >= 0.97x in every round
+TARGET = {"slows": "quota", "recovers": "none"}  # the steady condition each change ends in
 CLOSE = 0.05  # a window within this of the best split's time per step has reached it
 REPLANS = 3
 
 
 @contextmanager
-def random_load(seed: int) -> Iterator[None]:
-    """A busy loop pinned to each core (`busy_core`), switched on and off on a schedule drawn from `seed`."""
+def random_load() -> Iterator[tuple[int, ...]]:
+    """A busy loop pinned to each core (`busy_core`), stopped: the job's rank 0 switches them by step
+    (`balancing.StepKeyedLoad`), so both methods of a round meet the same load at the same step."""
     with busy_core(0) as loop0, busy_core(1) as loop1:
-        loops = [loop0, loop1]
-        for loop in loops:
+        for loop in (loop0, loop1):
             os.kill(loop.pid, signal.SIGSTOP)
-        stop = threading.Event()
-
-        def switch() -> None:
-            draw = random.Random(seed)
-            while not stop.is_set():
-                for loop in loops:
-                    with suppress(ProcessLookupError):
-                        os.kill(loop.pid, signal.SIGCONT if draw.random() < 0.4 else signal.SIGSTOP)
-                stop.wait(draw.uniform(0.3, 1.5))
-
-        thread = threading.Thread(target=switch, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()  # busy_core kills the loops, stopped or not
+        yield (loop0.pid, loop1.pid)
 
 
-def run_one(runner: Runner, plan: Plan, scenario: str, method: str, round_index: int, args: Any) -> dict[str, Any]:
-    """One job of `scenario` with `method`; its throughput, splits and per-step rows."""
+def run_one(
+    runner: Runner, plan: Plan, scenario: str, method: str, round_index: int, args: Any, pinned: list[int] | None = None
+) -> dict[str, Any]:
+    """One job of `scenario` with `method` (`pinned`: the split the "pinned" method holds); its throughput,
+    splits and per-step rows."""
     name = f"{scenario}-{method}-{round_index}"
-    fields: dict[str, Any] = {}
-    with conditions_for(scenario, runner.seed + round_index) as cgroup:
-        if scenario == "quota":
-            fields = {"slow_rank": 1, "cgroup": str(cgroup)}
+    fields: dict[str, Any] = {"pinned_split": tuple(pinned)} if method == "pinned" and pinned else {}
+    with conditions_for(scenario) as condition:
+        cgroup = condition if isinstance(condition, Path) else None
+        if scenario == "random":
+            fields |= {"load_pids": condition, "load_seed": runner.seed + round_index}
+        elif scenario == "quota":
+            fields |= {"slow_rank": 1, "cgroup": str(cgroup)}
         elif scenario in CHANGES:
-            fields = {"slow_rank": 1, "cgroup": str(cgroup), "change_at": args.change_at, "change": scenario}
+            fields |= {"slow_rank": 1, "cgroup": str(cgroup), "change_at": args.change_at, "change": scenario}
         elif scenario == "stall":
-            fields = {"slow_rank": 1, "stall_ms": args.stall_ms, "stall_period_ms": args.stall_period_ms}
+            fields |= {"slow_rank": 1, "stall_ms": args.stall_ms, "stall_period_ms": args.stall_period_ms}
         ranks = runner.run([runner.job(name, method, plan.slow_steps, **fields)], cores=[None])[0]
     history = ranks[0].get("history", [])
     steps = timed_rows(ranks, plan.measure_from)
@@ -117,12 +113,15 @@ def run_one(runner: Runner, plan: Plan, scenario: str, method: str, round_index:
         "splits": shares_text(history),
         "history": history,
         "rows": ranks[0]["rows"],
+        "pinned_split": fields.get("pinned_split"),
+        "round": round_index,
     }
 
 
 @contextmanager
-def conditions_for(scenario: str, seed: int) -> Iterator[Path | None]:
-    """What the scenario needs around its job: a quota cgroup, a busy loop, random load, or nothing."""
+def conditions_for(scenario: str) -> Iterator[Path | tuple[int, ...] | None]:
+    """What the scenario needs around its job: a quota cgroup, a busy loop, random load (its loops' pids), or
+    nothing."""
     if scenario in ("quota", *CHANGES):
         with quota_cgroup() as path:
             yield path
@@ -130,8 +129,8 @@ def conditions_for(scenario: str, seed: int) -> Iterator[Path | None]:
         with busy_core(1):
             yield None
     elif scenario == "random":
-        with random_load(seed):
-            yield None
+        with random_load() as pids:
+            yield pids
     else:
         yield None
 
@@ -140,11 +139,19 @@ def rate_of(run: dict[str, Any]) -> float:
     return float(run["mean_end_to_end_samples_per_second"])
 
 
+def round_rates(runs: list[dict[str, Any]]) -> list[float]:
+    """Per round, the mean rate of its runs of one method."""
+    rounds = sorted({run["round"] for run in runs})
+    return [statistics.fmean(rate_of(run) for run in runs if run["round"] == index) for index in rounds]
+
+
 def report_steady(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Per scenario: each round's ratio, the median, the spread and the worst; the goals."""
+    """Per scenario: each round's ratio (of the mean rates of its runs), the median, the spread and the worst;
+    the goals."""
     rows, summary, goals = [], {}, []
     for scenario, by_method in runs.items():
-        ratios = [rate_of(b) / rate_of(p) for p, b in zip(by_method["plain"], by_method["balanced"], strict=True)]
+        plain, balanced = (round_rates(by_method[m]) for m in ("plain", "balanced"))
+        ratios = [b / p for p, b in zip(plain, balanced, strict=True)]
         median, worst = statistics.median(ratios), min(ratios)
         summary[scenario] = {"ratios": ratios, "median": median, "worst": worst, "best": max(ratios)}
         rows.append(
@@ -168,74 +175,67 @@ def report_steady(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
     )
     for scenario, by_method in runs.items():
         if "frozen" in by_method:  # the control: the balancer's measuring and exchanging, at the equal split
-            frozen = [rate_of(f) / rate_of(p) for p, f in zip(by_method["plain"], by_method["frozen"], strict=True)]
+            plain, control = (round_rates(by_method[m]) for m in ("plain", "frozen"))
+            frozen = [f / p for p, f in zip(plain, control, strict=True)]
             summary[scenario]["frozen_ratios"] = frozen
             print(
                 f"{scenario}: equal split kept (control) / plain DDP per round: " + " ".join(f"{r:.2f}" for r in frozen)
             )
         shares = " ".join(f"{run['equal_split_share']:.0%}" for run in by_method["balanced"])
-        print(f"{scenario}: timed steps at the equal split, per round: {shares}")
+        print(f"{scenario}: timed steps at the equal split, per run: {shares}")
         for index, run in enumerate(by_method["balanced"]):
-            print(f"{scenario} round {index + 1} splits (step:rank0/rank1): {run['splits']}")
+            print(f"{scenario} run {index + 1} splits (step:rank0/rank1): {run['splits']}")
     return {"scenarios": summary, "goals": report_goals(*goals)}
 
 
 def window_seconds(rows: list[dict[str, Any]], start: int, end: int) -> float | None:
     """Wall seconds per step from the end of step `start - 1` to the end of step `end - 1` (None: not run)."""
     ends = {row["step"]: row["end"] for row in rows}
-    if start - 1 not in ends or end - 1 not in ends:
+    if end <= start or start - 1 not in ends or end - 1 not in ends:
         return None
     return (ends[end - 1] - ends[start - 1]) / (end - start)
 
 
-def report_changes(
-    changes: dict[str, list[dict[str, Any]]], steady: dict[str, dict[str, list[dict[str, Any]]]], plan: Plan, at: int
-) -> dict[str, Any]:
-    """Per change and round: each window's time per step after the change against the best split's."""
+def settled_split(runs: list[dict[str, Any]]) -> list[int]:
+    """The split the balanced steady runs of a condition ended on most often: the best split there."""
+    finals = [tuple(run["history"][-1]["batch_sizes"]) for run in runs if run["history"]]
+    return list(statistics.mode(finals))
+
+
+def report_changes(changes: dict[str, dict[str, list[dict[str, Any]]]], plan: Plan, at: int) -> dict[str, Any]:
+    """Per change and round: the balanced run's time per step against a run of the same round that held the
+    best split throughout (`pinned`), window by window after the change and over every step from the third
+    re-plan after it to the end; goal: that within `CLOSE` in every round."""
     every = plan.replan_every
     first_replan = (at // every + 1) * every  # the first re-plan that has measured steps after the change
+    settled_from = first_replan + (REPLANS - 1) * every  # the window after the third re-plan starts here
     summary, goals = {}, []
-    for change, runs in changes.items():
-        target = "quota" if change == "slows" else "none"
-        if target not in steady:
-            print(f"{change}: no steady {target} runs to compare with (--only)")
-            continue
-        best = statistics.median(run["global_samples"] / rate_of(run) for run in steady[target]["balanced"])
-        reached = []
-        rows = []
-        for index, run in enumerate(runs):
-            windows = []
+    for change, by_method in changes.items():
+        ratios, rows = [], []
+        for index, (balanced, pinned) in enumerate(zip(by_method["balanced"], by_method["pinned"], strict=True)):
+            cells = []
             for replan in range(REPLANS + 1):
                 start = first_replan + (replan - 1) * every if replan else at
-                seconds = window_seconds(run["rows"], start, start + every)
-                windows.append(seconds)
-            within = [
-                replan
-                for replan, seconds in enumerate(windows)
-                if seconds is not None and seconds <= best * (1 + CLOSE)
-            ]
-            reached.append(within[0] if within else None)
-            rows.append(
-                [
-                    f"{change}, round {index + 1}",
-                    *(f"{seconds * 1e3:.0f}" if seconds is not None else "-" for seconds in windows),
-                    f"{best * 1e3:.0f}",
-                    str(reached[-1]) if reached[-1] is not None else f"> {REPLANS}",
-                ]
-            )
-            print(f"{change} round {index + 1} splits (step:rank0/rank1): {run['splits']}")
+                pair = [window_seconds(run["rows"], start, start + every) for run in (balanced, pinned)]
+                cells.append("/".join(f"{s * 1e3:.0f}" if s is not None else "-" for s in pair))
+            settled = [window_seconds(run["rows"], settled_from, plan.slow_steps) for run in (balanced, pinned)]
+            ratio = settled[0] / settled[1] if settled[0] and settled[1] else float("inf")
+            ratios.append(ratio)
+            rows.append([f"{change}, round {index + 1}", *cells, *(f"{s * 1e3:.0f}" if s else "-" for s in settled),
+                         f"{ratio:.3f}"])  # fmt: skip
+            held = "/".join(map(str, pinned["pinned_split"]))
+            print(f"{change} round {index + 1} splits (step:rank0/rank1): {balanced['splits']}; best held: {held}")
         print_table(
-            f"rank 1 {change} at step {at}: ms per step of the window after each re-plan (0: before the first), "
-            f"the best split's (balanced steady {target} runs, median), and the re-plans it took to get within "
-            f"{CLOSE:.0%}",
-            ["run", *(f"after {k}" for k in range(REPLANS + 1)), "best", "re-plans"],
+            f"rank 1 {change} at step {at}: ms per step, balanced/best split held, of the window after each "
+            f"re-plan (0: before the first), then over steps {settled_from}-{plan.slow_steps} (from the third "
+            f"re-plan on), and balanced over best",
+            ["run", *(f"after {k}" for k in range(REPLANS + 1)), "balanced", "best split", "ratio"],
             rows,
         )
-        ok = all(value is not None for value in reached)
-        summary[change] = {"best_seconds": best, "replans_to_reach": reached}
-        goals.append(
-            Goal(f"{change}: within {CLOSE:.0%} of the best split within {REPLANS} re-plans", str(reached), ok)
-        )
+        worst = max(ratios)
+        summary[change] = {"settled_ratios": ratios, "worst": worst, "settled_from": settled_from}
+        goals.append(Goal(f"{change}: within {CLOSE:.0%} of the best split from the {REPLANS}rd re-plan on, "
+                          "every round", f"worst {worst:.3f}x the time", worst <= 1 + CLOSE))  # fmt: skip
     return {"changes": summary, "goals": report_goals(*goals)}
 
 
@@ -249,6 +249,12 @@ def main() -> None:
     parser.add_argument("--change-at", type=int, default=None, help="step of the change (default: 70, quick 12)")
     parser.add_argument("--stall-ms", type=int, default=100)
     parser.add_argument("--stall-period-ms", type=int, default=200)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs per method per round of none and random (goal: every round), mirrored: 2 is A B B A",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument(
@@ -256,6 +262,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     chosen = parse_choices(args.only, STEADY + CHANGES, "--only", parser)
+    for change in CHANGES:
+        if change in chosen and TARGET[change] not in chosen:
+            parser.error(f"--only: {change} needs {TARGET[change]} (its steady runs give the best split)")
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("balancing_robust.py: needs two CPU cores (one per rank)")
     plan = QUICK if args.quick else FULL
@@ -277,14 +286,22 @@ def main() -> None:
     try:
         for round_index in range(args.rounds):
             order = list(steady) if round_index % 2 == 0 else list(reversed(steady))
+            forward = methods if round_index % 2 == 0 else tuple(reversed(methods))
             for scenario in order:
-                for method in methods if round_index % 2 == 0 else tuple(reversed(methods)):
+                repeats = args.repeats if scenario in UNHARMED else 1
+                mirrored = [m for r in range(repeats) for m in (forward if r % 2 == 0 else reversed(forward))]
+                for method in mirrored:  # e.g. A B B A: drift within the round hits both methods alike
                     steady[scenario][method].append(run_one(runner, plan, scenario, method, round_index, args))
             progress(f"round {round_index + 1} of {args.rounds} done")
-        changes: dict[str, list[dict[str, Any]]] = {c: [] for c in chosen if c in CHANGES}
+        changes: dict[str, dict[str, list[dict[str, Any]]]] = {
+            c: {"balanced": [], "pinned": []} for c in chosen if c in CHANGES
+        }
+        best = {c: settled_split(steady[TARGET[c]]["balanced"]) for c in changes}
         for round_index in range(args.change_rounds):
             for change in changes:
-                changes[change].append(run_one(runner, plan, change, "balanced", round_index, args))
+                for method in ("balanced", "pinned") if round_index % 2 == 0 else ("pinned", "balanced"):
+                    run = run_one(runner, plan, change, method, round_index, args, pinned=best[change])
+                    changes[change][method].append(run)
     except JobFailed as error:
         print(f"FAILED: {error}")
         report["failed"] = str(error)
@@ -294,7 +311,7 @@ def main() -> None:
              for s, by in steady.items()}  # fmt: skip
     report["parts"]["steady"] = report_steady(steady) | {"runs": light}
     if changes:
-        report["parts"]["changes"] = report_changes(changes, steady, plan, args.change_at)
+        report["parts"]["changes"] = report_changes(changes, plan, args.change_at)
     finish(report, args.json)
 
 
