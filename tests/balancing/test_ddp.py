@@ -103,14 +103,15 @@ def test_a_plan_that_measures_slower_gives_way_to_the_faster_one_that_ran(tmp_pa
     plans = [entry["batch_sizes"] for entry in history]
     # the model reads rank 1 as slow and would move work to rank 0, but not on the first window's word alone ...
     assert history[0]["proposed"][0] > 64 and plans[0] == [64, 64]
-    # ... the second window agrees: tried once at step 10
-    assert plans[1][0] > 64 and history[1]["proposed"] == plans[1]
+    # ... once two windows agree (the second, or a later one if the noise held it back), it is tried once
+    tried = next(index for index, plan in enumerate(plans) if plan != [64, 64])
+    assert plans[tried][0] > 64 and history[tried]["proposed"] == plans[tried] and tried + 2 < len(plans), plans
     # measured: the equal plan's window ran faster than the proposal's (rank 0's hidden 0.15 s a step) ...
-    equal_seconds, proposed_seconds = history[1]["step_seconds"], history[2]["step_seconds"]
+    equal_seconds, proposed_seconds = history[tried]["step_seconds"], history[tried + 1]["step_seconds"]
     assert proposed_seconds > equal_seconds + 0.03
     # ... so at every later re-plan the model's proposal, which ran, gives way to the equal plan
-    assert all(entry["proposed"][0] > 64 for entry in history[2:])
-    assert all(plan == [64, 64] for plan in plans[2:]), plans
+    assert all(entry["proposed"][0] > 64 for entry in history[tried + 1 :])
+    assert all(plan == [64, 64] for plan in plans[tried + 1 :]), plans
 
 
 def test_app_balancing_run_reports_shares_and_a_plot(tmp_path: Path) -> None:
