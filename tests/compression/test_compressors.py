@@ -111,6 +111,25 @@ def test_int8_sends_a_byte_per_element_plus_a_scale_per_chunk() -> None:
     assert comm.bytes_sent == 3010 + 4 * (3 + 1) + 4  # int8 payload, scales, finite flag
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_int8_gives_each_parameter_the_same_result_in_any_bucket(rounding: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    sizes = {"w": 3000, "b1": 128, "b2": 128, "v": 2048, "c": 100, "d": 1024}  # whole chunks, tails, equal neighbours
+    scales = {"w": 1.0, "b1": 50.0, "b2": 0.01, "v": 3.0, "c": 1e-3, "d": 10.0}  # merged chunks would share a scale
+    steps = [{n: torch.randn(k, generator=generator) * scales[n] for n, k in sizes.items()} for _ in range(3)]
+    together, alone = Int8(rounding=rounding), Int8(rounding=rounding)
+    first: list[Tensor] = []
+    for step, tensors in enumerate(steps):
+        bucket = averaged(together, tensors, step)[0].split(list(sizes.values()))
+        first = first or list(bucket)
+        for name, out in zip(sizes, bucket, strict=True):
+            assert torch.equal(out, averaged(alone, {name: tensors[name]}, step)[0]), (name, step)
+    for name in sizes:
+        assert torch.equal(together.residuals.tensors[name], alone.residuals.tensors[name])
+    small, within = steps[0]["b2"], 0.5 if rounding == "nearest" else 1.0  # of a level (no residual at step 0)
+    assert (first[2] - small).abs().max() <= small.abs().max() / 127 * within * 1.0001  # its own scale, not b1's
+
+
 def test_topk_sends_each_parameters_largest_magnitudes() -> None:
     a = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.3, 0.0, 0.05, 0.01, 0.02, 0.03])
     b = torch.tensor([1.0, -2.0])
