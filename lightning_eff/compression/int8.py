@@ -131,7 +131,9 @@ class Int8(ErrorFeedback):
             buffer.numel(), sum(plan.draws) if stochastic else 0, buffer.device
         )
         residual = self._flat_residual(layout, buffer.device) if self.error_feedback else None
-        if residual is None:
+        if buffer.dtype == torch.float32:  # the result overwrites it anyway: work in it (an in-place add is cheaper)
+            corrected = buffer if residual is None else buffer.add_(residual)
+        elif residual is None:
             corrected.copy_(buffer)
         else:
             torch.add(buffer, residual, out=corrected)
