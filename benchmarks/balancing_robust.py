@@ -29,13 +29,15 @@ A same-round reference, because one split's time per step differed by up to 30% 
 Throughput is the mean end-to-end rate over the timed steps (all their samples over their wall time: what a
 user gets, stalls and throttling included); each round's balanced/plain ratio is reported, with the median,
 the spread and the worst. Goals (the issue's): median >= 1.3x for `quota`, `busy` and `stall`; >= 0.97x in
-every round for `none` and `random`.
+every round for `none` and `random`. `--pinned 21/11,19/13` also runs those fixed splits in each round of the
+steady scenarios: what a split can reach at all under that slowness, the balancer's ceiling.
 
 Needs root for the cgroup and two CPU cores.
 
 Usage:
     python benchmarks/balancing_robust.py [--quick] [--rounds 5] [--change-rounds 2] [--repeats 2]
                                           [--only none,quota,busy,stall,random,slows,recovers] [--json PATH]
+                                          [--pinned 21/11,19/13]
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def run_one(
 ) -> dict[str, Any]:
     """One job of `scenario` with `method` (`pinned`: the split the "pinned" method holds); its throughput,
     splits and per-step rows."""
-    name = f"{scenario}-{method}-{round_index}"
+    held = "-".join(map(str, pinned)) if method == "pinned" and pinned else ""
+    name = f"{scenario}-{method}{held}-{round_index}"
     fields: dict[str, Any] = {"pinned_split": tuple(pinned)} if method == "pinned" and pinned else {}
     with conditions_for(scenario) as condition:
         cgroup = condition if isinstance(condition, Path) else None
@@ -135,6 +138,14 @@ def conditions_for(scenario: str) -> Iterator[Path | tuple[int, ...] | None]:
         yield None
 
 
+def parse_split(text: str, global_batch: int, parser: argparse.ArgumentParser) -> list[int]:
+    """ "21/11" -> [21, 11]: a split of the global batch between the two ranks (parser.error if it is not one)."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or sum(map(int, parts)) != global_batch:
+        parser.error(f"--pinned: {text!r} is not two positive sample counts summing to the global batch {global_batch}")
+    return [int(p) for p in parts]
+
+
 def rate_of(run: dict[str, Any]) -> float:
     return float(run["mean_end_to_end_samples_per_second"])
 
@@ -174,6 +185,14 @@ def report_steady(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
         rows,
     )
     for scenario, by_method in runs.items():
+        for method in (m for m in by_method if m.startswith("pinned ")):  # a fixed split: the ceiling of a split
+            plain, pinned = (round_rates(by_method[m]) for m in ("plain", method))
+            ratios = [f / p for p, f in zip(plain, pinned, strict=True)]
+            summary[scenario][f"{method} ratios"] = ratios
+            print(
+                f"{scenario}: {method} / plain DDP per round: {' '.join(f'{r:.2f}' for r in ratios)}, "
+                f"median {statistics.median(ratios):.2f}x"
+            )
         if "frozen" in by_method:  # the control: the balancer's measuring and exchanging, at the equal split
             plain, control = (round_rates(by_method[m]) for m in ("plain", "frozen"))
             frozen = [f / p for p, f in zip(plain, control, strict=True)]
@@ -260,6 +279,12 @@ def main() -> None:
     parser.add_argument(
         "--control", action="store_true", help="also run a balancer that keeps the equal split (its overhead alone)"
     )
+    parser.add_argument(
+        "--pinned",
+        type=str,
+        default="",
+        help="also run these fixed splits in the steady scenarios (e.g. 21/11,19/13): what the best split can reach",
+    )
     args = parser.parse_args()
     chosen = parse_choices(args.only, STEADY + CHANGES, "--only", parser)
     for change in CHANGES:
@@ -268,6 +293,9 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("balancing_robust.py: needs two CPU cores (one per rank)")
     plan = QUICK if args.quick else FULL
+    splits = {
+        f"pinned {text}": parse_split(text, 2 * plan.batch_size, parser) for text in args.pinned.split(",") if text
+    }
     args.change_at = args.change_at or (12 if args.quick else 70)
     command, machine = command_line(), machine_facts()
     print(f"command: {command}\nmachine: {machine}")
@@ -279,7 +307,7 @@ def main() -> None:
     exit_on_sigterm()
     report: dict[str, Any] = {"command": command, "machine": machine, "plan": asdict(plan), "parts": {}}
     runner = Runner(plan, args.seed)
-    methods = ("plain", "balanced", "frozen") if args.control else ("plain", "balanced")
+    methods = ("plain", "balanced", *(("frozen",) if args.control else ()), *splits)
     steady: dict[str, dict[str, list[dict[str, Any]]]] = {
         s: {method: [] for method in methods} for s in chosen if s in STEADY
     }
@@ -291,7 +319,9 @@ def main() -> None:
                 repeats = args.repeats if scenario in UNHARMED else 1
                 mirrored = [m for r in range(repeats) for m in (forward if r % 2 == 0 else reversed(forward))]
                 for method in mirrored:  # e.g. A B B A: drift within the round hits both methods alike
-                    steady[scenario][method].append(run_one(runner, plan, scenario, method, round_index, args))
+                    kind, pinned = ("pinned", splits[method]) if method in splits else (method, None)
+                    run = run_one(runner, plan, scenario, kind, round_index, args, pinned=pinned)
+                    steady[scenario][method].append(run)
             progress(f"round {round_index + 1} of {args.rounds} done")
         changes: dict[str, dict[str, list[dict[str, Any]]]] = {
             c: {"balanced": [], "pinned": []} for c in chosen if c in CHANGES
