@@ -80,19 +80,21 @@ class ThroughputBalancer:
     measured step time is what a plan is for.
 
     The moving average keeps the plan from following noise, but it would take many windows to follow a rank that
-    really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a
-    rank more than 20% (or twice the noise, below) away from its estimate on the same side, the estimate is
-    reset to their mean (`follow_change`), so the plan follows within two re-plans; unless its batch moved the
-    same way (under a cpu quota a rank given fewer samples measures faster, which is the plan's doing, not a
-    change of the rank); the remembered step times of earlier plans, measured before the change, are then
-    forgotten, and the next window, the first on a plan cut for the new speed, replaces the estimate once more.
-    Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink
-    by more than twice the typical relative deviation of a window's measured speeds from the estimates (a moving
-    average of it, 10% until measured), so load that comes and goes faster than a window does not move the
-    split: on equal ranks a wrong split costs as much as the gain it promised. A move away from the equal split
-    must also be asked for by each of the last two windows' own measurements (`agreed_by_windows`), so the
-    first re-plan never moves away from it, and load that lands on one rank for a single window does not move
-    the split. A move back toward the equal split needs no such proof.
+    really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a rank
+    more than 20% (or twice a window's typical relative deviation of a speed, `speed_noise`) away from its estimate
+    on the same side, the estimate is reset to their mean (`follow_change`), so the plan follows within two
+    re-plans; unless its batch moved the same way (under a cpu quota a rank given fewer samples measures faster,
+    which is the plan's doing, not a change of the rank); the remembered step times of earlier plans, measured
+    before the change, are then forgotten, and the next window, the first on a plan cut for the new speed, replaces
+    the estimate once more. Otherwise a new plan must promise more than the noise: the predicted step time
+    (`beyond_noise`) must shrink by more than twice the noise: how far a window's measured speeds typically move a
+    rank's predicted time from the estimates, as a fraction of the predicted step (a moving average of the largest,
+    10% until measured), so load that comes and goes faster than a window does not move the split: on equal ranks a
+    wrong split costs as much as the gain it promised. (A fast rank with a few milliseconds of work can stray by
+    half its speed while barely moving the step; in units of speed that held back a move predicted to cut the step
+    by 35%.) A move away from the equal split must also be asked for by each of the last two windows' own
+    measurements (`agreed_by_windows`), so the first re-plan never moves away from it, and load that lands on one
+    rank for a single window does not move the split. A move back toward the equal split needs no such proof.
 
     Args:
         replan_every: optimizer steps between re-plans.
@@ -130,8 +132,13 @@ class ThroughputBalancer:
         self.fixed_seconds: list[float] = []  # per rank: seconds per step of the work that does not
         self.history: list[dict[str, Any]] = []
         self._last_measured: tuple[list[float], list[float]] | None = None  # the last window's speeds and fixed
-        self.noise = NOISE_PRIOR  # moving average of a window's largest relative deviation of a speed from its estimate
-        self._noise_before = NOISE_PRIOR  # before the last window's update
+        # Moving averages of how far a window strays from the estimates, in two units. `noise` gates plans: the most
+        # any rank's predicted time under the window's plan strayed, as a fraction of the predicted step (a fast
+        # rank with a few milliseconds of work may stray by half its speed and barely move the step).
+        # `speed_noise` sets the bar for a change of one rank's speed: its largest relative deviation.
+        self.noise = NOISE_PRIOR
+        self.speed_noise = NOISE_PRIOR
+        self._noise_before = self._speed_noise_before = NOISE_PRIOR  # before the last window's update
         self._window_plans: list[list[int]] = []  # the plans the last three windows ran
         self._settling: list[bool] = []  # per rank: its speed changed at the last re-plan
         self._steps = 0
@@ -240,7 +247,7 @@ class ThroughputBalancer:
             sizes = list(zip(*self._window_plans, strict=True))
         # Load that comes and goes puts two windows in a row off the estimate often: a change must stand out of the
         # noise as it was before the first of the two (which that window's deviation then raised).
-        threshold = max(CHANGE, NOISE_MARGIN * self._noise_before)
+        threshold = max(CHANGE, NOISE_MARGIN * self._speed_noise_before)
         speeds = [
             follow_change(p, m, last, self.smoothing, rank_sizes, threshold)
             for p, m, last, rank_sizes in zip(previous_speeds, measured_speeds, last_speeds, sizes, strict=True)
@@ -259,12 +266,16 @@ class ThroughputBalancer:
         self._settling = [change for _, change in speeds]
         changed = any(change for _, change in speeds)
         deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
+        step_deviations = [] if fresh else _step_deviations(old, self.speeds, self.fixed_seconds, measured_speeds)
         if changed:  # a lasting change is not noise: undo what its first window added
-            self.noise = self._noise_before
+            self.noise, self.speed_noise = self._noise_before, self._speed_noise_before
             self._measured = {}  # and the step times plans measured before it are out of date
         else:
             if deviations:
-                self._noise_before, self.noise = self.noise, smoothed(self.noise, max(deviations), self.smoothing)
+                self._speed_noise_before = self.speed_noise
+                self.speed_noise = smoothed(self.speed_noise, max(deviations), self.smoothing)
+            if step_deviations:
+                self._noise_before, self.noise = self.noise, smoothed(self.noise, max(step_deviations), self.smoothing)
             if step_change is not None:  # the standard deviation of one window, from a difference of two
                 self.step_noise = smoothed(self.step_noise, step_change / math.sqrt(2), self.smoothing)
         self.speeds, self.fixed_seconds = [v for v, _ in speeds], fixed_seconds
@@ -339,6 +350,7 @@ class ThroughputBalancer:
             "history": list(self.history),
             "last_replan": self._last_replan,
             "noise": self.noise,
+            "speed_noise": self.speed_noise,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -358,7 +370,9 @@ class ThroughputBalancer:
             self.speeds, self.fixed_seconds = [], []
         self.history = list(state["history"])
         self._last_replan = int(state["last_replan"])
-        self.noise = float(state.get("noise", NOISE_PRIOR))  # older checkpoints: learned anew
+        # older checkpoints: learned anew; before `speed_noise`, `noise` was in speed units (close at balanced plans)
+        self.noise = float(state.get("noise", NOISE_PRIOR))
+        self.speed_noise = float(state.get("speed_noise", self.noise))
 
 
 def follow_change(
@@ -386,6 +400,15 @@ def follow_change(
         if (faster or slower) and not explained and abs(measured - last) <= CHANGE * mean:
             return mean, True
     return smoothed(previous, measured, smoothing), False
+
+
+def _step_deviations(plan: list[int], estimated: list[float], fixed: list[float], measured: list[float]) -> list[float]:
+    """Per rank, how far its predicted time under `plan` moves from the estimated speed to the measured one, as a
+    fraction of the predicted step (the slowest rank's time); [] where a speed is not positive."""
+    if len(plan) != len(estimated) or not all(v > 0 for v in (*estimated, *measured)):
+        return []
+    step = max(f + b / v for b, v, f in zip(plan, estimated, fixed, strict=True))
+    return [b * abs(1 / m - 1 / v) / step for b, v, m in zip(plan, estimated, measured, strict=True)]
 
 
 def _step_time_summary(values: list[float]) -> tuple[float, float]:

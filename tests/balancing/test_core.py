@@ -229,7 +229,7 @@ def test_a_change_must_stand_out_of_the_noise() -> None:
         balancer = ThroughputBalancer(replan_every=1, smoothing=0.8, tolerance=0.0, warmup_steps=0)
         balancer.setup(global_batch_size=32, world_size=1)
         for step, speed in enumerate(speeds, start=1):
-            balancer.noise = noise
+            balancer.speed_noise = noise  # the change bar is in units of speed
             balancer.record(samples=32, busy_seconds=32 / speed)
             balancer.maybe_replan(step=step, device=torch.device("cpu"))
         return balancer.speeds[0] == pytest.approx(sum(speeds[-2:]) / 2)
@@ -255,20 +255,39 @@ def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() ->
     for step, busy_seconds in enumerate([0.2, 0.3, 0.2], start=1):  # 160, then 106.7 and 160 samples/s
         balancer.record(samples=32, busy_seconds=busy_seconds)
         balancer.maybe_replan(step=step, device=torch.device("cpu"))
-    # from the prior (10%): window 2 strays by 1/3, window 3 by 160 / 133.3 - 1
-    assert balancer.noise == pytest.approx(0.5 * (0.5 * 0.1 + 0.5 / 3) + 0.5 * (160 / (0.5 * 160 + 0.5 * 320 / 3) - 1))
-    noise = balancer.noise
+    # from the prior (10%), in speed: window 2 strays by 1/3, window 3 by 160 / 133.3 - 1
+    estimate = 0.5 * 160 + 0.5 * 320 / 3
+    assert balancer.speed_noise == pytest.approx(0.5 * (0.5 * 0.1 + 0.5 / 3) + 0.5 * (160 / estimate - 1))
+    # in the predicted step (one rank, no fixed work: its time): window 2 took 1.5x the predicted time, window 3
+    # 133.3 / 160 of it
+    assert balancer.noise == pytest.approx(0.5 * (0.5 * 0.1 + 0.5 * 0.5) + 0.5 * (1 - estimate / 160))
+    noise, speed_noise = balancer.noise, balancer.speed_noise
     for step in (4, 5):  # a lasting change: followed, and not counted as noise
         balancer.record(samples=32, busy_seconds=0.8)
         balancer.maybe_replan(step=step, device=torch.device("cpu"))
     assert balancer.speeds == pytest.approx([40.0])
     assert balancer.history[-2]["noise"] > noise  # the change's first window looked like noise ...
-    assert balancer.noise == noise  # ... until the second confirmed it
+    assert balancer.noise == noise and balancer.speed_noise == speed_noise  # ... until the second confirmed it
     assert balancer._measured == {}  # step times measured before the change no longer tell plans apart
     state = balancer.state_dict()
     restored = ThroughputBalancer()
     restored.load_state_dict(state)
-    assert restored.noise == balancer.noise
+    assert (restored.noise, restored.speed_noise) == (balancer.noise, balancer.speed_noise)
+    del state["speed_noise"]  # a checkpoint from before the two units: its one noise serves both
+    restored.load_state_dict(state)
+    assert restored.speed_noise == balancer.noise
+
+
+def test_the_plan_noise_counts_a_rank_by_its_share_of_the_step() -> None:
+    from lightning_eff.balancing.balancers import _step_deviations
+
+    # rank 0: 64 samples in 3.2 ms; rank 1: 64 samples in 35.6 ms plus 50 ms of fixed work, an 85.6 ms step
+    estimated, fixed = [20000.0, 1800.0], [0.001, 0.05]
+    jitter = _step_deviations([64, 64], estimated, fixed, [40000.0, 1800.0])  # rank 0 twice as fast for a window
+    assert jitter[0] == pytest.approx(0.0016 / (0.05 + 64 / 1800)) and jitter[0] < 0.02 and jitter[1] == 0.0
+    slower = _step_deviations([64, 64], estimated, fixed, [20000.0, 1500.0])  # the rank that sets the step: 20%
+    assert slower[1] == pytest.approx((64 / 1500 - 64 / 1800) / (0.05 + 64 / 1800))
+    assert _step_deviations([64, 64], estimated, fixed, [0.0, 1800.0]) == []  # nothing measured: no deviation
 
 
 def test_steps_far_slower_than_the_window_median_do_not_count() -> None:
