@@ -94,9 +94,9 @@ def run_one(
 ) -> dict[str, Any]:
     """One job of `scenario` with `method` (`pinned`: the split the "pinned" method holds); its throughput,
     splits and per-step rows."""
-    held = "-".join(map(str, pinned)) if method == "pinned" and pinned else ""
-    name = f"{scenario}-{method}{held}-{round_index}"
-    fields: dict[str, Any] = {"pinned_split": tuple(pinned)} if method == "pinned" and pinned else {}
+    held = tuple(pinned) if method == "pinned" and pinned else ()
+    name = f"{scenario}-{method}{'-'.join(map(str, held))}-{round_index}"
+    fields: dict[str, Any] = {"pinned_split": held} if held else {}
     with conditions_for(scenario) as condition:
         cgroup = condition if isinstance(condition, Path) else None
         if scenario == "random":

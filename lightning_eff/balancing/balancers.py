@@ -15,6 +15,7 @@ from lightning_eff.balancing.planner import (
     agreed_by_windows,
     beyond_noise,
     plan_batch_sizes,
+    predicted_step_seconds,
     prefer_measured,
     smoothed,
     split_by_weight,
@@ -407,7 +408,7 @@ def _step_deviations(plan: list[int], estimated: list[float], fixed: list[float]
     fraction of the predicted step (the slowest rank's time); [] where a speed is not positive."""
     if len(plan) != len(estimated) or not all(v > 0 for v in (*estimated, *measured)):
         return []
-    step = max(f + b / v for b, v, f in zip(plan, estimated, fixed, strict=True))
+    step = predicted_step_seconds(plan, estimated, fixed)
     return [b * abs(1 / m - 1 / v) / step for b, v, m in zip(plan, estimated, measured, strict=True)]
 
 
