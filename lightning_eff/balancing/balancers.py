@@ -87,18 +87,16 @@ class ThroughputBalancer:
     re-plans; unless its batch moved the same way (under a cpu quota a rank given fewer samples measures faster,
     which is the plan's doing, not a change of the rank); the remembered step times of earlier plans, measured
     before the change, are then forgotten (those of the change's two windows are kept: the new plan must beat
-    them), and the next window, the first on a plan cut for the new speed, replaces the estimate once more (its
-    deviation from the change's estimate is not noise). Otherwise a new plan must promise more than the noise: the
-    predicted step time (`beyond_noise`) must shrink by more than twice the noise: how far a window's measured
-    speeds typically move a rank's predicted time from the estimates, as a fraction of the predicted step (a moving
-    average of the largest, 10% until measured), so load that comes and goes faster than a window does not move the
-    split: on equal ranks a wrong split costs as much as the gain it promised. (A fast rank with a few milliseconds
-    of work can stray by half its speed while barely moving the step; in units of speed that held back a move
-    predicted to cut the step by 35%.) A move away from the equal split must also be asked for by each of the last
-    two windows' own measurements (`agreed_by_windows`), so the first re-plan never moves away from it, and load
-    that lands on one rank for a single window does not move the split. A move back toward the equal split needs
-    less proof: none, or, while a plan's own step time spreads less between windows than the speeds stray
-    (`step_noise` < `noise`), a predicted gain beyond twice that spread.
+    them), and the next window, the first on a plan cut for the new speed, replaces the estimate once more.
+    Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink by
+    more than twice the noise: how far a window's measured speeds typically move a rank's predicted time from the
+    estimates, as a fraction of the predicted step (a moving average of the largest, 10% until measured), so load
+    that comes and goes faster than a window does not move the split: on equal ranks a wrong split costs as much as
+    the gain it promised. (A fast rank with a few milliseconds of work can stray by half its speed while barely
+    moving the step; in units of speed that held back a move predicted to cut the step by 35%.) A move away from the
+    equal split must also be asked for by each of the last two windows' own measurements (`agreed_by_windows`), so
+    the first re-plan never moves away from it, and load that lands on one rank for a single window does not move
+    the split. A move back toward the equal split needs no such proof.
 
     Args:
         replan_every: optimizer steps between re-plans.
@@ -262,21 +260,15 @@ class ThroughputBalancer:
         ]
         # The window after a change settles it: the change's estimate averaged two windows that ran a plan cut for
         # the old speed (a rank's speed depends a little on its batch), this one ran the plan cut for the new one.
-        # Its deviation from the change's estimate is the change's, not noise: a change that two windows of
-        # stalls falling into a rank's wait faked would otherwise raise the noise bar against undoing it.
         settling = self._settling if len(self._settling) == world else [False] * world
-        settled = [settle and not speeds[rank][1] for rank, settle in enumerate(settling)]
-        for rank in (rank for rank, settle in enumerate(settled) if settle):
-            speeds[rank] = (measured_speeds[rank], False)
-            fixed_seconds[rank] = measured_fixed[rank]
+        for rank, settle in enumerate(settling):
+            if settle and not speeds[rank][1]:
+                speeds[rank] = (measured_speeds[rank], False)
+                fixed_seconds[rank] = measured_fixed[rank]
         self._settling = [change for _, change in speeds]
         changed = any(change for _, change in speeds)
-        deviations = [
-            abs(m - p) / p for p, m, s in zip(previous_speeds, measured_speeds, settled, strict=True) if p and not s
-        ]
+        deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
         step_deviations = [] if fresh else _step_deviations(old, self.speeds, self.fixed_seconds, measured_speeds)
-        if step_deviations:
-            step_deviations = [d for d, s in zip(step_deviations, settled, strict=True) if not s]
         if changed:  # a lasting change is not noise: undo what its first window added
             self.noise, self.speed_noise = self._noise_before, self._speed_noise_before
             # The step times plans measured before it are out of date; its own two windows ran the old plan under
@@ -302,12 +294,7 @@ class ThroughputBalancer:
         planned = proposed
         if not changed:  # a move away from the equal split: beyond the noise, by the estimates and by each window
             own = [w for w in (last, self._last_measured) if w is not None and len(w[0]) == world]
-            # A plan's step time that spreads less between windows than the speeds stray (stalls that fall into a
-            # rank's work or its wait: the speeds swing, the step does not) says the speeds' drift toward equal is
-            # not the step's; under load that comes and goes both swing, and the equal split stays the safe way back.
-            step_noise = self.step_noise
-            toward_equal = NOISE_MARGIN * step_noise if step_noise is not None and step_noise < self.noise else 0.0
-            planned = beyond_noise(old, proposed, self.speeds, self.fixed_seconds, margin, toward_equal)
+            planned = beyond_noise(old, proposed, self.speeds, self.fixed_seconds, margin)
             planned = agreed_by_windows(old, planned, own, margin)
         seconds_per_step, errors = self._measured_step_times()
         self.plan.batch_sizes = prefer_measured(planned, seconds_per_step, errors, z=NOISE_MARGIN)

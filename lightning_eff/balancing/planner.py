@@ -115,26 +115,21 @@ def beyond_noise(
     speeds: Sequence[float],
     fixed_seconds: Sequence[float],
     noise: float,
-    toward_equal: float = 0.0,
 ) -> list[int]:
-    """`proposed` if the model predicts it shortens the step by more than `noise` (relative), or by more than
-    `toward_equal` when it is closer to the equal split than `current`; else `current`.
+    """`proposed` if it is closer to the equal split than `current`, or if the model predicts it shortens the
+    step by more than `noise` (relative); else `current`.
 
     `noise` is how far a window's measured speeds typically stray from the estimates: a smaller predicted gain
     may be an artefact of load that came and went, and an unequal split of equal ranks costs for sure. The
-    equal split is the safe default, so a move back toward it needs less proof: `toward_equal` (0: none) is
-    how much a plan's own measured step time spreads between windows, a gain the measurement could not see.
-    (Under stalls that fall sometimes into a rank's work and sometimes into its wait, the estimates drift
-    toward the equal split by fractions of a percent per window, and each such move cost 4-8%.)
+    equal split is the safe default, so a move back toward it needs no such proof.
     """
     if len(current) != len(proposed) or sum(current) != sum(proposed) or list(current) == list(proposed):
         return list(proposed)
-    toward = closer_to_equal(current, proposed)
-    if toward and toward_equal <= 0:
+    if closer_to_equal(current, proposed):
         return list(proposed)
     before = predicted_step_seconds(current, speeds, fixed_seconds)
     after = predicted_step_seconds(proposed, speeds, fixed_seconds)
-    return list(proposed) if after < (1 - (toward_equal if toward else noise)) * before else list(current)
+    return list(proposed) if after < (1 - noise) * before else list(current)
 
 
 def closer_to_equal(current: Sequence[int], proposed: Sequence[int]) -> bool:

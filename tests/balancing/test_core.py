@@ -248,9 +248,6 @@ def test_a_plan_must_promise_more_than_the_noise() -> None:
     assert beyond_noise([16, 16], [22, 10], [200.0, 100.0], fixed, noise=0.3) == [22, 10]  # a real slow rank
     assert beyond_noise([32], [16, 16], speeds, fixed, noise=0.9) == [16, 16]  # nothing to compare with
     assert beyond_noise([18, 14], [17, 15], speeds, fixed, noise=0.9) == [17, 15]  # toward equal: no proof needed
-    # ... unless the step times of a plan spread between windows: then a gain they could hide does not move it
-    assert beyond_noise([18, 14], [17, 15], speeds, fixed, noise=0.9, toward_equal=0.02) == [17, 15]  # 5.6% gain
-    assert beyond_noise([18, 14], [17, 15], speeds, fixed, noise=0.9, toward_equal=0.1) == [18, 14]
 
 
 def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() -> None:
@@ -283,24 +280,6 @@ def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() ->
     assert restored.speed_noise == balancer.noise
 
 
-def test_the_window_that_settles_a_change_does_not_count_as_noise() -> None:
-    balancer = ThroughputBalancer(replan_every=1, smoothing=0.8, tolerance=0.0, warmup_steps=0)
-    balancer.setup(global_batch_size=32, world_size=1)
-    for step, speed in enumerate([160.0, 160.0, 160.0, 80.0, 80.0], start=1):  # two slow windows: a change
-        balancer.record(samples=32, busy_seconds=32 / speed)
-        balancer.maybe_replan(step=step, device=torch.device("cpu"))
-    assert balancer.speeds == pytest.approx([80.0])
-    noise, speed_noise = balancer.noise, balancer.speed_noise
-    balancer.record(samples=32, busy_seconds=32 / 160.0)  # the next window undoes it (the two were a fluke)
-    balancer.maybe_replan(step=6, device=torch.device("cpu"))
-    assert balancer.speeds == pytest.approx([160.0])  # settled at what it measured
-    # its 100% deviation from the change's estimate is the change's: the noise bar does not rise against undoing it
-    assert (balancer.noise, balancer.speed_noise) == (noise, speed_noise) and noise < 0.2
-    balancer.record(samples=32, busy_seconds=32 / 150.0)  # an ordinary window counts again
-    balancer.maybe_replan(step=7, device=torch.device("cpu"))
-    assert balancer.speed_noise == pytest.approx(0.8 * speed_noise + 0.2 * (1 - 150 / 160))
-
-
 def _replay_rank_1_windows(
     rank: int, world_size: int, workdir: str, scenarios: list[tuple[dict, float, list[float], list[float]]]
 ) -> list[list[list[int]]]:
@@ -322,29 +301,6 @@ def _replay_rank_1_windows(
             plans.append(list(balancer.plan.batch_sizes))
         runs.append(plans)
     return runs
-
-
-def test_a_move_toward_the_equal_split_must_promise_more_than_the_step_times_spread(tmp_path: Path) -> None:
-    from tests.compression.distributed import run_ranks
-
-    def state(plan: list[int], rank_1_speed: float) -> dict:
-        return {"batch_sizes": plan, "speeds": [140.0, rank_1_speed], "fixed_seconds": [0.008, 0.012],
-                "history": [], "last_replan": 0, "noise": 0.2, "speed_noise": 0.2}  # fmt: skip
-
-    # Stalls that fall into rank 1's wait make one window read it fast: its estimate drifts from 87 to 96, and the
-    # model's 19/13 promises 2.3% (20/12: 150.9 ms, 19/13: 147.4 ms, both far under the 200 ms measured).
-    drifting = state([20, 12], 87.0)
-    scenarios = [
-        (drifting, 0.015, [132.0], [0.2]),  # a plan's step time spreads 1.5% between windows: 2.3% could hide
-        (drifting, 0.0, [132.0], [0.2]),  # no spread measured yet: no proof needed
-        (drifting, 0.25, [132.0], [0.2]),  # steps spread more than the speeds stray (0.2): load that comes and goes
-        (state([22, 10], 120.0), 0.015, [130.0], [0.2]),  # a rank that recovered, read from a plan far off
-    ]
-    ranks = run_ranks(_replay_rank_1_windows, tmp_path, scenarios=scenarios)
-    assert ranks[0] == ranks[1]  # the same decision on both ranks
-    drift, no_spread, unsteady, recovered = ranks[0]
-    assert drift == [[20, 12]] and no_spread == unsteady == [[19, 13]]
-    assert recovered[0][0] < 22  # the move back toward equal promises far more than the spread
 
 
 def test_a_plan_cut_for_a_change_must_measure_faster_than_the_changes_windows(tmp_path: Path) -> None:
