@@ -225,11 +225,7 @@ class ThroughputBalancer:
             if windows:
                 step_change = abs(measured_step - windows[-1][1]) / windows[-1][1]
             windows.append((step, measured_step, step_error))
-        oldest = step - PLAN_MEMORY * self.replan_every
-        recent = {
-            plan: [window for window in windows if window[0] > oldest] for plan, windows in self._measured.items()
-        }
-        self._measured = {plan: windows for plan, windows in recent.items() if windows}
+        self._forget_measured_before(step - PLAN_MEMORY * self.replan_every + 1)
         if not all(n > 0 and s > 0 and b > 0 for n, s, b in zip(steps, samples, busy, strict=True)):
             return False  # a window of warm-up steps only, or nothing measured: the same answer on every rank
         measured_speeds = [s / b for s, b in zip(samples, busy, strict=True)]
@@ -275,9 +271,7 @@ class ThroughputBalancer:
             # the new condition, so the plan cut for it must measure faster than they did, or it gives way.
             # (Stalls that fell into a slow rank's wait for two windows read as a recovery, and the equal split
             # that followed measured 25% slower than the plan it replaced.)
-            since = step - self.replan_every
-            kept = {plan: [w for w in windows if w[0] >= since] for plan, windows in self._measured.items()}
-            self._measured = {plan: windows for plan, windows in kept.items() if windows}
+            self._forget_measured_before(step - self.replan_every)
         else:
             if deviations:
                 self._speed_noise_before = self.speed_noise
@@ -317,6 +311,11 @@ class ThroughputBalancer:
             }
         )
         return self.plan.batch_sizes != old
+
+    def _forget_measured_before(self, step: int) -> None:
+        """Drop the remembered windows of plans measured before `step` (and plans left with none)."""
+        recent = {plan: [w for w in windows if w[0] >= step] for plan, windows in self._measured.items()}
+        self._measured = {plan: windows for plan, windows in recent.items() if windows}
 
     def _measured_step_times(self) -> tuple[dict[tuple[int, ...], float], dict[tuple[int, ...], float]]:
         """Each remembered plan's mean step time over its windows, and the standard error of that mean.
