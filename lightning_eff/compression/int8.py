@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,32 +25,51 @@ _DRAWS_PER_INT64 = 64 // _NOISE_BITS
 ROUNDINGS = ("auto", "nearest", "stochastic")
 
 
+# Narrowest sub-row a run of parameters may share. A sub-row's width divides its parameters' sizes and the chunk
+# size; Int8 works on (rows, width) views with each row's step size broadcast along it, one operation per run of
+# parameters. A broadcast over rows narrower than this costs more per element than starting another run (~5 us).
+_MIN_ROW_WIDTH = 32
+
+
 @dataclass(frozen=True)
 class _Plan:
-    """What only depends on a bucket's layout, worked out once: its chunks and noise draws per parameter."""
+    """What only depends on a bucket's layout, worked out once: how its buffer tiles into sub-rows, which chunk
+    each sub-row belongs to, and the noise draws per parameter."""
 
-    runs: tuple[tuple[int, int, int], ...]  # (start, rows, length): consecutive chunks of one length, in buffer order
+    runs: tuple[tuple[int, int, int], ...]  # (start, rows, width): (rows, width) views that tile the buffer in order
+    chunk_of_row: Tensor  # int64, one per sub-row: the index of its chunk (chunks never span two parameters)
+    chunks: int
     draws: tuple[int, ...]  # per parameter: int64 draws for its noise (four values each)
 
 
-def chunk_runs(numels: list[int], chunk_size: int) -> tuple[tuple[int, int, int], ...]:
-    """A bucket's chunks as runs of consecutive chunks of the same length, each a (rows, length) view of the
-    buffer: every parameter is cut into whole chunks of `chunk_size` and one shorter last chunk, and adjacent
-    chunks of equal length are merged (the whole chunks of neighbouring parameters, equal small biases), so
-    finding maxima and spreading step sizes costs one operation per run rather than one or two per parameter."""
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for numel in numels:
-        full, rest = divmod(numel, chunk_size)
-        for length, rows in ((chunk_size, full), (rest, 1 if rest else 0)):
-            if not rows:
-                continue
-            if runs and runs[-1][2] == length:  # runs tile the buffer, so the last one ends at `start`
-                runs[-1] = (runs[-1][0], runs[-1][1] + rows, length)
-            else:
-                runs.append((start, rows, length))
-            start += rows * length
-    return tuple(runs)
+def row_runs(numels: list[int], chunk_size: int) -> tuple[tuple[tuple[int, int, int], ...], list[int]]:
+    """A bucket tiled into runs of equal-width sub-rows, and each chunk's length in sub-rows, in buffer order.
+
+    Every parameter is cut into whole chunks of `chunk_size` and one shorter last chunk (so the result does not
+    depend on bucketing). A sub-row's width divides its parameter's size and the chunk size, so every chunk is a
+    whole number of sub-rows; consecutive parameters share a run while a common width of at least
+    `_MIN_ROW_WIDTH` divides them all (a GPT's bucket is one run of 128-wide rows)."""
+    widths = [math.gcd(numel, chunk_size) for numel in numels]
+    groups: list[list[int]] = []  # parameter indices per run
+    width = 0
+    for index, own in enumerate(widths):
+        shared = math.gcd(width, own)
+        if groups and (shared >= _MIN_ROW_WIDTH or shared == width == own):
+            groups[-1].append(index)
+            width = shared
+        else:
+            groups.append([index])
+            width = own
+    runs, chunk_rows, start = [], [], 0
+    for group in groups:
+        width = math.gcd(*(widths[index] for index in group))
+        size = sum(numels[index] for index in group)
+        runs.append((start, size // width, width))
+        for index in group:
+            full, rest = divmod(numels[index], chunk_size)
+            chunk_rows += [chunk_size // width] * full + ([rest // width] if rest else [])
+        start += size
+    return tuple(runs), chunk_rows
 
 
 class _Workspace:
@@ -66,11 +86,11 @@ class _Workspace:
         return tensor[:, :numel]
 
     def get(self, numel: int, draws: int, device: torch.device) -> tuple[Tensor, ...]:
-        """Three float32 tensors, an int16 and an int8 of `numel` elements, and `draws` int64s, on `device`."""
-        floats = self._get(numel, torch.float32, device, rows=3)
+        """Two float32 tensors, an int16 and an int8 of `numel` elements, and `draws` int64s, on `device`."""
+        floats = self._get(numel, torch.float32, device, rows=2)
         noise = self._get(numel, torch.int16, device)[0]
         summed = self._get(numel, torch.int8, device)[0]
-        return floats[0], floats[1], floats[2], noise, summed, self._get(draws, torch.int64, device)[0]
+        return floats[0], floats[1], noise, summed, self._get(draws, torch.int64, device)[0]
 
 
 @dataclass(eq=False)
@@ -89,11 +109,14 @@ class Int8(ErrorFeedback):
     Noise on top of error feedback would only add variance, and it was half of Int8's compute (`rounding=auto`:
     nearest with error feedback, stochastic without; either can be forced).
 
-    Cost (stochastic rounding): the noise is 16-bit (`_NOISE_BITS`: unbiased to 2**-17 of a level, four values
-    per 64-bit draw where `torch.rand` makes one draw per value). Working memory is reused (`_Workspace`, about
-    15 bytes per element of the largest bucket) and residuals are copied into tensors kept from step to step.
-    Bucketing independence costs a few small operations per parameter for the noise (its own generator) and per
-    run of equal-length chunks for the maxima and step sizes (`chunk_runs`), about 10 us each.
+    Cost: step sizes are never spread over the bucket. The buffer is viewed as rows as wide as every parameter
+    and the chunk size allow (`row_runs`: 128 for a GPT, so one run for the whole bucket), each row's step size
+    is broadcast along it, and one operation per run finds maxima, divides, keeps residuals and rescales the sum:
+    eight passes over the bucket in all with nearest rounding. Stochastic rounding's noise is 16-bit
+    (`_NOISE_BITS`: unbiased to 2**-17 of a level, four values per 64-bit draw where `torch.rand` makes one draw
+    per value), from a generator per parameter (a few small operations each). Working memory is reused
+    (`_Workspace`, 11 bytes per element of the largest bucket) and residuals are copied into tensors kept from
+    step to step.
 
     Args:
         error_feedback: add what rounding lost to the next step's gradient.
@@ -125,9 +148,9 @@ class Int8(ErrorFeedback):
         levels = 127 // comm.world_size
         if levels < 1:
             raise RuntimeError(f"Int8 compression sums int8 and supports at most 127 processes, not {comm.world_size}")
-        plan = self._plan(layout)
+        plan = self._plan(layout, buffer.device)
         stochastic = self.stochastic
-        corrected, quantized, per_element, noise, summed, draws = self._workspace.get(
+        corrected, quantized, noise, summed, draws = self._workspace.get(
             buffer.numel(), sum(plan.draws) if stochastic else 0, buffer.device
         )
         residual = self._flat_residual(layout, buffer.device) if self.error_feedback else None
@@ -139,19 +162,37 @@ class Int8(ErrorFeedback):
             torch.add(buffer, residual, out=corrected)
         maxima = self._chunk_maxima(torch.abs(corrected, out=quantized), plan)
         step_sizes = comm.all_reduce(maxima, dist.ReduceOp.MAX).div_(levels).clamp_min_(torch.finfo(torch.float32).tiny)
-        self._fill_per_element(per_element, step_sizes, plan)
+        row_steps = step_sizes.index_select(0, plan.chunk_of_row)  # each sub-row's step size, broadcast along it
         if stochastic:
             quantized.copy_(self._noise(noise, draws, layout, plan, step, comm.rank))
-            quantized.mul_(_NOISE_SCALE).add_(_NOISE_OFFSET).addcdiv_(corrected, per_element).floor_()
-            quantized.clamp_(-levels, levels)  # noise can push x / step = levels (rounded up) one level past it
+            quantized.mul_(_NOISE_SCALE).add_(_NOISE_OFFSET)
+            for q, x, s in self._rows(plan, row_steps, quantized, corrected):
+                q.addcdiv_(x, s)
+            quantized.floor_().clamp_(-levels, levels)  # noise can push x / step = levels one level past it
         else:  # |x| / step <= levels up to one rounding of the division, which the nearest level absorbs: no clamp
-            torch.div(corrected, per_element, out=quantized).round_()
+            for q, x, s in self._rows(plan, row_steps, quantized, corrected):
+                torch.div(x, s, out=q)
+            quantized.round_()
         if residual is not None:
-            torch.addcmul(corrected, quantized, per_element, value=-1, out=residual)
+            for r, x, q, s in self._rows(plan, row_steps, residual, corrected, quantized):
+                torch.addcmul(x, q, s, value=-1, out=r)
         comm.all_reduce(summed.copy_(quantized))
-        if buffer.dtype != torch.float32:
-            return buffer.copy_(quantized.copy_(summed).mul_(per_element).div_(comm.world_size))
-        return torch.mul(quantized.copy_(summed), per_element, out=buffer).div_(comm.world_size)
+        # The mean: each sum times its step size over the world size (folded into the few step sizes, not the bucket).
+        out = buffer if buffer.dtype == torch.float32 else quantized
+        for o, total, s in self._rows(plan, row_steps.div_(comm.world_size), out, summed):
+            torch.mul(total, s, out=o)
+        return buffer if out is buffer else buffer.copy_(out)
+
+    @staticmethod
+    def _rows(plan: _Plan, row_steps: Tensor, *flats: Tensor) -> list[tuple[Tensor, ...]]:
+        """Per run: each flat tensor's (rows, width) view, then the run's step sizes as a (rows, 1) column."""
+        first = 0
+        views = []
+        for start, rows, width in plan.runs:
+            pieces = [flat[start : start + rows * width].view(rows, width) for flat in flats]
+            views.append((*pieces, row_steps[first : first + rows, None]))
+            first += rows
+        return views
 
     def _flat_residual(self, layout: BucketLayout, device: torch.device) -> Tensor:
         """This layout's residuals as one bucket-shaped tensor (each parameter's residual a view of it), so adding
@@ -171,31 +212,27 @@ class Int8(ErrorFeedback):
         self._flat[layout] = flat
         return flat
 
-    def _plan(self, layout: BucketLayout) -> _Plan:
+    def _plan(self, layout: BucketLayout, device: torch.device) -> _Plan:
         plan = self._plans.get(layout)
-        if plan is None:
+        if plan is None or plan.chunk_of_row.device != device:
+            runs, chunk_rows = row_runs(layout.numels, self.chunk_size)
             plan = _Plan(
-                runs=chunk_runs(layout.numels, self.chunk_size),
+                runs=runs,
+                chunk_of_row=torch.repeat_interleave(torch.tensor(chunk_rows)).to(device),
+                chunks=len(chunk_rows),
                 draws=tuple(-(-n // _DRAWS_PER_INT64) for n in layout.numels),
             )
             self._plans[layout] = plan
         return plan
 
     def _chunk_maxima(self, magnitude: Tensor, plan: _Plan) -> Tensor:
-        """Max |x| of every chunk, in buffer order (chunks never span two parameters).
-        (`torch.linalg.vector_norm(ord=inf)` would skip writing |x| but is 15x slower than abs + amax on the CPU,
-        and `aminmax` on the signed values 20x.)"""
-        return torch.cat([magnitude[start : start + rows * length].view(rows, length).amax(1)
-                          for start, rows, length in plan.runs])  # fmt: skip
-
-    def _fill_per_element(self, out: Tensor, step_sizes: Tensor, plan: _Plan) -> None:
-        """Each element's step size, its chunk's: an expand per run (`repeat_interleave` costs 3x more)."""
-        first = 0
-        for start, rows, length in plan.runs:
-            out[start : start + rows * length].view(rows, length).copy_(
-                step_sizes[first : first + rows, None].expand(rows, length)
-            )
-            first += rows
+        """Max |x| of every chunk, in buffer order: each sub-row's maximum (one `amax` per run), then the
+        maximum of each chunk's sub-rows. (`torch.linalg.vector_norm(ord=inf)` would skip writing |x| but is 15x
+        slower than abs + amax on the CPU, and `aminmax` on the signed values 20x.)"""
+        per_run = [magnitude[start : start + n * width].view(n, width).amax(1) for start, n, width in plan.runs]
+        row_maxima = per_run[0] if len(per_run) == 1 else torch.cat(per_run)
+        maxima = torch.zeros(plan.chunks, dtype=magnitude.dtype, device=magnitude.device)
+        return maxima.scatter_reduce_(0, plan.chunk_of_row, row_maxima, "amax")  # |x| >= 0: the zeros change nothing
 
     def _noise(self, out: Tensor, draws: Tensor, layout: BucketLayout, plan: _Plan, step: int, rank: int) -> Tensor:
         """int16 noise in buffer order, each parameter's from its own generator, seeded by seed, name, step and

@@ -26,6 +26,7 @@ from lightning_eff.compression import (
     TopK,
     Traffic,
 )
+from lightning_eff.compression.int8 import row_runs
 from lightning_eff.validation import ConfigError
 
 
@@ -109,6 +110,23 @@ def test_int8_with_error_feedback_rounds_to_nearest_and_carries_the_error_forwar
 def test_int8_sends_a_byte_per_element_plus_a_scale_per_chunk() -> None:
     _, comm = averaged(Int8(), {"a": torch.randn(3000), "b": torch.randn(10)})
     assert comm.bytes_sent == 3010 + 4 * (3 + 1) + 4  # int8 payload, scales, finite flag
+
+
+def test_int8_views_a_bucket_as_rows_that_tile_it_and_never_straddle_a_chunk() -> None:
+    gpt = [32 * 1024, 128, 128, 128, 512 * 128, 512, 128 * 512, 128]  # embedding, layer norms, biases, linears
+    runs, chunk_rows = row_runs(gpt, 1024)
+    assert runs == ((0, sum(gpt) // 128, 128),)  # one run of 128-wide rows: one operation per pass over the bucket
+    assert chunk_rows == [8] * 32 + [1] * 3 + [8] * 64 + [4] + [8] * 64 + [1]  # 1024-chunks and each short tail
+    odd = [3000, 7, 2048, 100]
+    runs, chunk_rows = row_runs(odd, 1024)
+    assert runs == ((0, 375, 8), (3000, 7, 1), (3007, 2, 1024), (5055, 25, 4))  # 7 and 100 share no 32: new runs
+    assert sum(rows * width for _, rows, width in runs) == sum(odd)
+    widths = [width for _, rows, width in runs for _ in range(rows)]
+    chunk_lengths, row = [], 0
+    for rows in chunk_rows:
+        chunk_lengths.append(sum(widths[row : row + rows]))
+        row += rows
+    assert chunk_lengths == [1024, 1024, 952, 7, 1024, 1024, 100]  # per parameter: whole chunks, then its tail
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
