@@ -258,6 +258,14 @@ def report_changes(changes: dict[str, dict[str, list[dict[str, Any]]]], plan: Pl
     return {"changes": summary, "goals": report_goals(*goals)}
 
 
+def without_rows(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The runs for the JSON report: splits and the balancer's history, without the per-step rows."""
+    return {
+        scenario: {method: [{k: v for k, v in r.items() if k != "rows"} for r in done] for method, done in by.items()}
+        for scenario, by in runs.items()
+    }
+
+
 def main() -> None:
     destroy_process_group_at_exit()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -337,11 +345,9 @@ def main() -> None:
         report["failed"] = str(error)
         write_json(args.json, report)
         raise SystemExit(1) from error
-    light = {s: {m: [{k: v for k, v in run.items() if k != "rows"} for run in runs] for m, runs in by.items()}
-             for s, by in steady.items()}  # fmt: skip
-    report["parts"]["steady"] = report_steady(steady) | {"runs": light}
+    report["parts"]["steady"] = report_steady(steady) | {"runs": without_rows(steady)}
     if changes:
-        report["parts"]["changes"] = report_changes(changes, plan, args.change_at)
+        report["parts"]["changes"] = report_changes(changes, plan, args.change_at) | {"runs": without_rows(changes)}
     finish(report, args.json)
 
 

@@ -151,6 +151,7 @@ class ThroughputBalancer:
         # plan -> its windows in the last PLAN_MEMORY re-plans: (step, wall seconds per step, its standard error)
         self._measured: dict[tuple[int, ...], list[tuple[int, float, float]]] = {}
         self.step_noise: float | None = None  # relative spread of a window's mean step time between windows of a plan
+        self._step_noise_before: float | None = None  # before the last window's update
         self._recorded = 0
         self._last_replan = 0
 
@@ -266,7 +267,9 @@ class ThroughputBalancer:
         deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
         step_deviations = [] if fresh else _step_deviations(old, self.speeds, self.fixed_seconds, measured_speeds)
         if changed:  # a lasting change is not noise: undo what its first window added
+            # (A plan's step time moved with the change too: its first window is no measure of windows' spread.)
             self.noise, self.speed_noise = self._noise_before, self._speed_noise_before
+            self.step_noise = self._step_noise_before
             # The step times plans measured before it are out of date; its own two windows ran the old plan under
             # the new condition, so the plan cut for it must measure faster than they did, or it gives way.
             # (Stalls that fell into a slow rank's wait for two windows read as a recovery, and the equal split
@@ -278,6 +281,7 @@ class ThroughputBalancer:
                 self.speed_noise = smoothed(self.speed_noise, max(deviations), self.smoothing)
             if step_deviations:
                 self._noise_before, self.noise = self.noise, smoothed(self.noise, max(step_deviations), self.smoothing)
+            self._step_noise_before = self.step_noise
             if step_change is not None:  # the standard deviation of one window, from a difference of two
                 self.step_noise = smoothed(self.step_noise, step_change / math.sqrt(2), self.smoothing)
         self.speeds, self.fixed_seconds = [v for v, _ in speeds], fixed_seconds

@@ -254,7 +254,7 @@ def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() ->
     balancer = ThroughputBalancer(replan_every=1, smoothing=0.5, tolerance=0.0, warmup_steps=0)
     balancer.setup(global_batch_size=32, world_size=1)
     for step, busy_seconds in enumerate([0.2, 0.3, 0.2], start=1):  # 160, then 106.7 and 160 samples/s
-        balancer.record(samples=32, busy_seconds=busy_seconds)
+        balancer.record(samples=32, busy_seconds=busy_seconds, step_seconds=0.3 + 0.03 * (step == 2))
         balancer.maybe_replan(step=step, device=torch.device("cpu"))
     # from the prior (10%), in speed: window 2 strays by 1/3, window 3 by 160 / 133.3 - 1
     estimate = 0.5 * 160 + 0.5 * 320 / 3
@@ -262,13 +262,16 @@ def test_the_noise_is_learned_from_windows_that_stray_but_not_from_a_change() ->
     # in the predicted step (one rank, no fixed work: its time): window 2 took 1.5x the predicted time, window 3
     # 133.3 / 160 of it
     assert balancer.noise == pytest.approx(0.5 * (0.5 * 0.1 + 0.5 * 0.5) + 0.5 * (1 - estimate / 160))
-    noise, speed_noise = balancer.noise, balancer.speed_noise
+    noise, speed_noise, step_noise = balancer.noise, balancer.speed_noise, balancer.step_noise
+    assert step_noise == pytest.approx(0.5 * (0.03 / 0.3 + 0.03 / 0.33) / 2**0.5)  # windows of 0.3, 0.33, 0.3 s
     for step in (4, 5):  # a lasting change: followed, and not counted as noise
         balancer.record(samples=32, busy_seconds=0.8, step_seconds=0.9)
         balancer.maybe_replan(step=step, device=torch.device("cpu"))
     assert balancer.speeds == pytest.approx([40.0])
     assert balancer.history[-2]["noise"] > noise  # the change's first window looked like noise ...
+    assert balancer.history[-2]["step_noise"] > 10 * step_noise  # its step time tripled: 0.74
     assert balancer.noise == noise and balancer.speed_noise == speed_noise  # ... until the second confirmed it
+    assert balancer.step_noise == step_noise  # a plan's step time moved with the change: no spread of windows
     # the step times measured before the change no longer tell plans apart; the change's own windows do
     assert balancer._measured == {(32,): [(4, 0.9, 0.0), (5, 0.9, 0.0)]}
     state = balancer.state_dict()
