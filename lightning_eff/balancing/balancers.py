@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -84,10 +84,11 @@ class ThroughputBalancer:
     really turned slow or recovered (a co-located job starting or ending): when two windows in a row measure a rank
     more than 20% (or twice a window's typical relative deviation of a speed, `speed_noise`) away from its estimate
     on the same side, the estimate is reset to their mean (`follow_change`), so the plan follows within two
-    re-plans; unless its batch moved the same way (under a cpu quota a rank given fewer samples measures faster,
-    which is the plan's doing, not a change of the rank); the remembered step times of earlier plans, measured
-    before the change, are then forgotten (those of the change's two windows are kept: the new plan must beat
-    them), and the next window, the first on a plan cut for the new speed, replaces the estimate once more.
+    re-plans; unless its batch moved the same way in both windows (under a cpu quota a rank given fewer samples
+    measures faster, which is the plan's doing, not a change of the rank); the remembered step times of earlier
+    plans, measured before the change, are then forgotten (those of the change's two windows are kept: the new
+    plan must beat them), and the next window, the first on a plan cut for the new speed, replaces the estimate
+    once more (or, when its batch moved the way its speed did, is averaged in).
     Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink by
     more than twice the noise: how far a window's measured speeds typically move a rank's predicted time from the
     estimates, as a fraction of the predicted step (a moving average of the largest, 10% until measured), so load
@@ -257,9 +258,15 @@ class ThroughputBalancer:
         ]
         # The window after a change settles it: the change's estimate averaged two windows that ran a plan cut for
         # the old speed (a rank's speed depends a little on its batch), this one ran the plan cut for the new one.
+        # Unless the rank's batch moved the way its speed did, which may be the plan's doing (a cpu quota): then the
+        # new speed is only averaged in, or the move it asks for undoes itself (at 22/10 a rank at half quota
+        # measured 15% faster than at 16/16, and the 20/12 that followed measured 15% slower than 22/10).
         settling = self._settling if len(self._settling) == world else [False] * world
-        for rank, settle in enumerate(settling):
-            if settle and not speeds[rank][1]:
+        for rank, (settle, previous, rank_sizes) in enumerate(zip(settling, previous_speeds, sizes, strict=True)):
+            if not settle or speeds[rank][1]:
+                continue
+            faster = previous is not None and measured_speeds[rank] > previous
+            if len(rank_sizes) != 3 or not batch_explains(faster, rank_sizes[:2], rank_sizes[2:]):
                 speeds[rank] = (measured_speeds[rank], False)
                 fixed_seconds[rank] = measured_fixed[rank]
         self._settling = [change for _, change in speeds]
@@ -400,17 +407,24 @@ def follow_change(
 
     `sizes`: the rank's batch size in the window before the two, and in each of them. A rank measures faster
     with fewer samples under a cpu quota (it runs at full speed while it has quota left), and slower with more:
-    a speed that moved the way its batch did may be the plan's doing, so it is only averaged in.
+    a speed that moved the way its batch did in both windows may be the plan's doing, so it is only averaged in.
     """
     if previous is not None and last is not None and previous > 0 and len(sizes) == 3:
         deviations = ((measured - previous) / previous, (last - previous) / previous)
         faster, slower = all(d > threshold for d in deviations), all(d < -threshold for d in deviations)
         before, *during = sizes
-        explained = (faster and min(during) < before) or (slower and max(during) > before)
         mean = (measured + last) / 2
-        if (faster or slower) and not explained and abs(measured - last) <= CHANGE * mean:
+        agreed = abs(measured - last) <= CHANGE * mean
+        if (faster or slower) and agreed and not batch_explains(faster, (before,), during):
             return mean, True
     return smoothed(previous, measured, smoothing), False
+
+
+def batch_explains(faster: bool, before: Sequence[int], after: Sequence[int]) -> bool:
+    """Whether a rank's batch moved the way its speed did (under a cpu quota a rank measures faster with fewer
+    samples): every batch `after` smaller than every one `before` for a faster rank, larger for a slower one.
+    (A window with a larger batch that still measured faster is a recovery, whatever the other window ran.)"""
+    return max(after) < min(before) if faster else min(after) > max(before)
 
 
 def _step_deviations(plan: list[int], estimated: list[float], fixed: list[float], measured: list[float]) -> list[float]:

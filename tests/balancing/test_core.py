@@ -214,6 +214,7 @@ def test_a_speed_change_that_the_plan_explains_is_only_averaged_in() -> None:
     # two windows 50% faster than the estimate of 100: a change, unless the rank's batch shrank meanwhile
     assert follow_change(100.0, 150.0, 148.0, 0.8, (16, 16, 16)) == (149.0, True)
     assert follow_change(100.0, 150.0, 148.0, 0.8, (10, 11, 12)) == (149.0, True)  # more work and faster: recovered
+    assert follow_change(100.0, 150.0, 148.0, 0.8, (11, 10, 12)) == (149.0, True)  # faster with more samples too
     assert follow_change(100.0, 150.0, 148.0, 0.8, (16, 10, 10)) == (pytest.approx(110.0), False)  # fewer samples
     assert follow_change(100.0, 60.0, 62.0, 0.8, (10, 16, 16)) == (pytest.approx(92.0), False)  # more samples
     assert follow_change(100.0, 60.0, 62.0, 0.8, (16, 16, 16)) == (61.0, True)  # slower at the same batch
@@ -324,6 +325,19 @@ def test_a_plan_cut_for_a_change_must_measure_faster_than_the_changes_windows(tm
     assert fluke_plans[:3] == recovered_plans[:3] == [[22, 10], [20, 12], [16, 16]]
     assert fluke_plans[3] == [20, 12]  # it gives way to the plan the change's windows measured
     assert recovered_plans[3] == [16, 16]  # it stays
+
+
+def test_the_window_after_a_change_only_averages_in_a_speed_its_smaller_batch_explains(tmp_path: Path) -> None:
+    from tests.compression.distributed import run_ranks
+
+    steady = {"batch_sizes": [16, 16], "speeds": [140.0, 140.0], "fixed_seconds": [0.008, 0.012],
+              "history": [], "last_replan": 0, "noise": 0.01, "speed_noise": 0.05}  # fmt: skip
+    # rank 1 put at half its cpu quota: two windows at 16/16 read it at 64 samples/s, the plan moves to 22/10, and
+    # there, with fewer samples, it runs at full speed for longer and reads 85 (the plan's doing, not a recovery)
+    quota = (steady, 0.015, [140.0, 140.0, 64.0, 64.0, 85.0], [0.13, 0.13, 0.25, 0.25, 0.17])
+    ranks = run_ranks(_replay_rank_1_windows, tmp_path, scenarios=[quota])
+    assert ranks[0] == ranks[1]
+    assert ranks[0][0][2:] == [[16, 16], [22, 10], [22, 10]]  # taken as measured, 85 asked for 20/12
 
 
 def test_the_plan_noise_counts_a_rank_by_its_share_of_the_step() -> None:
