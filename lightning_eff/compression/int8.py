@@ -49,20 +49,16 @@ def row_runs(numels: list[int], chunk_size: int) -> tuple[tuple[tuple[int, int, 
     depend on bucketing). A sub-row's width divides its parameter's size and the chunk size, so every chunk is a
     whole number of sub-rows; consecutive parameters share a run while a common width of at least
     `_MIN_ROW_WIDTH` divides them all (a GPT's bucket is one run of 128-wide rows)."""
-    widths = [math.gcd(numel, chunk_size) for numel in numels]
-    groups: list[list[int]] = []  # parameter indices per run
-    width = 0
-    for index, own in enumerate(widths):
-        shared = math.gcd(width, own)
-        if groups and (shared >= _MIN_ROW_WIDTH or shared == width == own):
-            groups[-1].append(index)
-            width = shared
+    groups: list[tuple[list[int], int]] = []  # per run: its parameters' indices and its row width
+    for index, numel in enumerate(numels):
+        own = math.gcd(numel, chunk_size)
+        shared = math.gcd(groups[-1][1], own) if groups else 0
+        if groups and (shared >= _MIN_ROW_WIDTH or shared == groups[-1][1] == own):
+            groups[-1] = (groups[-1][0] + [index], shared)
         else:
-            groups.append([index])
-            width = own
+            groups.append(([index], own))
     runs, chunk_rows, start = [], [], 0
-    for group in groups:
-        width = math.gcd(*(widths[index] for index in group))
+    for group, width in groups:
         size = sum(numels[index] for index in group)
         runs.append((start, size // width, width))
         for index in group:
