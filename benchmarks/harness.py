@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence, Sized
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -51,6 +51,7 @@ from typing_extensions import override
 from lightning_eff.tasks import TextDataModule, TinyGPT
 
 REPO = Path(__file__).resolve().parent.parent
+Number = TypeVar("Number", int, float)
 _START = time.perf_counter()
 
 
@@ -114,6 +115,16 @@ def parse_choices(value: str, choices: Sequence[str], option: str, parser: argpa
     if unknown:
         parser.error(f"{option}: unknown {unknown}; choose from {', '.join(choices)}")
     return items
+
+
+def parse_numbers(
+    value: str, convert: Callable[[str], Number], option: str, parser: argparse.ArgumentParser
+) -> list[Number]:
+    """A comma-separated list of numbers (`--widths`, `--densities`, ...); a bad item is the parser's error."""
+    try:
+        return [convert(item) for item in value.split(",") if item.strip()]
+    except ValueError:
+        parser.error(f"{option}: numbers, comma-separated, got {value!r}")
 
 
 def write_json(path: str | None, report: dict[str, Any]) -> None:

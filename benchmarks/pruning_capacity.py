@@ -39,6 +39,7 @@ from harness import (
     finish,
     job_env,
     machine_facts,
+    parse_numbers,
     print_table,
     progress,
     write_json,
@@ -109,10 +110,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="run directories and logs (default: a new temp dir)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    try:
-        widths = [int(width) for width in args.widths.split(",") if width.strip()]
-    except ValueError:
-        parser.error(f"--widths: whole numbers, comma-separated, got {args.widths!r}")
+    widths = parse_numbers(args.widths, int, "--widths", parser)
     if any(width < 4 or width % 4 for width in widths):
         parser.error(f"--widths: each must be a positive multiple of 4 (the model's heads), got {widths}")
     exit_on_sigterm()

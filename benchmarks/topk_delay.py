@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from harness import command_line, finish, machine_facts, print_table, progress, write_json
+from harness import command_line, finish, machine_facts, parse_numbers, print_table, progress, write_json
 
 from lightning_eff.compression.dgc import warmup_density
 from lightning_eff.tasks import TextDataModule, TinyGPT
@@ -123,10 +123,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    try:
-        densities = [float(d) for d in args.densities.split(",") if d.strip()]
-    except ValueError:
-        parser.error(f"--densities: numbers, comma-separated, got {args.densities!r}")
+    densities = parse_numbers(args.densities, float, "--densities", parser)
     if not densities or any(not 0 < d <= 1 for d in densities):
         parser.error(f"--densities: each in (0, 1], got {densities}")
     if args.steps < 3 * WARMUP_STEPS:
