@@ -105,6 +105,12 @@ GLOBAL_BATCH = 64  # the app's text data: 32 per rank, 2 ranks
 # weights matter (measured at 600 steps, pruning alone, 90%: test loss +33% from step 0 per layer, +20% global from
 # 25%, +18% global from 42%; README, the all-at-once row)
 PRUNE_START = 0.4
+# The run's defaults (not --quick): 600 steps, where the dense model's validation loss stops falling here; a cut
+# epoch of 50 steps with validation on 20 batches after each; 90% of the targeted weights pruned
+STEPS = 600
+EPOCH_STEPS = 50
+VAL_BATCHES = 20
+SPARSITY = 0.9
 # The compressor: int8 (4x fewer bytes) costs this model nothing, where the ones that send fewer bytes cost loss
 # (600 steps, global pruning from step 250 + int4 QAT, no slow rank, test loss: int8 1.506, local_sgd period 8
 # 1.558, powersgd rank 16 1.568, rank 4 1.736, pruning alone 1.497; README, the all-at-once row)
@@ -520,7 +526,7 @@ def main() -> None:
     parser.add_argument(
         "--compressor", choices=COMPRESSORS, default=COMPRESSOR, help="the compression member (default %(default)s)"
     )
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--sparsity", type=float, default=SPARSITY)
     parser.add_argument(
         "--prune-start",
         type=float,
@@ -543,8 +549,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     names = parse_choices(args.only, list(CONFIGS), "--only", parser)
-    steps = args.steps if args.steps is not None else 40 if args.quick else 600
-    epoch_steps = args.epoch_steps if args.epoch_steps is not None else 10 if args.quick else 50
+    steps = args.steps if args.steps is not None else 40 if args.quick else STEPS
+    epoch_steps = args.epoch_steps if args.epoch_steps is not None else 10 if args.quick else EPOCH_STEPS
     if not 1 <= epoch_steps <= 51:
         parser.error("--epoch-steps must be in [1, 51]: the per-rank batches of one epoch")
     if steps % epoch_steps or steps < 2 * epoch_steps:
@@ -564,7 +570,7 @@ def main() -> None:
         compression_start=min(100, max(2, steps // 5)),
         replan_every=min(50, max(5, steps // 8)),
         link=args.link,
-        val_batches=2 if args.quick else 20,
+        val_batches=2 if args.quick else VAL_BATCHES,
         test_batches=2 if args.quick else None,
         seed=args.seed,
         signal=args.signal,

@@ -44,12 +44,8 @@ from harness import (
     progress,
     write_json,
 )
-from headline import LOSS_GOAL, PRUNE_START
+from headline import EPOCH_STEPS, LOSS_GOAL, PRUNE_START, SPARSITY, STEPS, VAL_BATCHES
 
-STEPS = 600  # headline.py's default: the dense model's validation minimum
-EPOCH_STEPS = 50
-VAL_BATCHES = 20
-SPARSITY = 0.9
 WIDTHS = (48, 64, 96, 112)  # d_model must divide by the model's 4 heads
 
 
