@@ -85,10 +85,13 @@ class ThroughputBalancer:
     more than 20% (or twice a window's typical relative deviation of a speed, `speed_noise`) away from its estimate
     on the same side, the estimate is reset to their mean (`follow_change`), so the plan follows within two
     re-plans; unless its batch moved the same way in both windows (under a cpu quota a rank given fewer samples
-    measures faster, which is the plan's doing, not a change of the rank); the remembered step times of earlier
-    plans, measured before the change, are then forgotten (those of the change's two windows are kept: the new
-    plan must beat them), and the next window, the first on a plan cut for the new speed, replaces the estimate
-    once more (or, when its batch moved the way its speed did, is averaged in).
+    measures faster, which is the plan's doing, not a change of the rank); the next window, the first on a plan cut
+    for the new speed, replaces the estimate once more (or, when its batch moved the way its speed did, is averaged
+    in). When the change also moves the rank's predicted time under the plan by more than twice the noise of the
+    step (below), it concerns the plan: the remembered step times of earlier plans, measured before it, are
+    forgotten (those of the change's two windows are kept: the new plan must beat them), and the noise gate does
+    not hold the new plan back. A fast rank with a few milliseconds of work reads twice as fast for two windows
+    without moving the step: its estimate follows, and the rest stands.
     Otherwise a new plan must promise more than the noise: the predicted step time (`beyond_noise`) must shrink by
     more than twice the noise: how far a window's measured speeds typically move a rank's predicted time from the
     estimates, as a fraction of the predicted step (a moving average of the largest, 10% until measured), so load
@@ -270,7 +273,13 @@ class ThroughputBalancer:
                 speeds[rank] = (measured_speeds[rank], False)
                 fixed_seconds[rank] = measured_fixed[rank]
         self._settling = [change for _, change in speeds]
-        changed = any(change for _, change in speeds)
+        # A change concerns the plan only if it moves the rank's predicted time under it beyond the step's noise: a
+        # fast rank with a few milliseconds of work reads twice as fast for two windows and barely moves the step.
+        # Its estimate follows all the same, but the step times plans measured stand, and so does the noise gate.
+        # (Such a read forgot that a proposal had measured 75% slower, and the next re-plan ran it again.)
+        moved = [] if fresh else _step_deviations(old, self.speeds, self.fixed_seconds, [v for v, _ in speeds])
+        bar = NOISE_MARGIN * self._noise_before
+        changed = any(change and (not moved or moved[rank] > bar) for rank, (_, change) in enumerate(speeds))
         deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
         step_deviations = [] if fresh else _step_deviations(old, self.speeds, self.fixed_seconds, measured_speeds)
         if changed:  # a lasting change is not noise: undo what its first window added
@@ -319,6 +328,7 @@ class ThroughputBalancer:
                 "step_noise": self.step_noise,
                 "proposed": proposed,  # the model's plan, before the noise gate and the measured step times
                 "noise": self.noise,
+                "changed": changed,  # a change of a rank's speed that concerns the plan was followed
             }
         )
         return self.plan.batch_sizes != old
