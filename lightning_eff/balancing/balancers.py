@@ -277,7 +277,8 @@ class ThroughputBalancer:
         # fast rank with a few milliseconds of work reads twice as fast for two windows and barely moves the step.
         # Its estimate follows all the same, but the step times plans measured stand, and so does the noise gate.
         # (Such a read forgot that a proposal had measured 75% slower, and the next re-plan ran it again.)
-        moved = [] if fresh else _step_deviations(old, self.speeds, self.fixed_seconds, [v for v, _ in speeds])
+        new_speeds = [v for v, _ in speeds]
+        moved = [] if fresh else _step_deviations(old, self.speeds, self.fixed_seconds, new_speeds)
         bar = NOISE_MARGIN * self._noise_before
         changed = any(change and (not moved or moved[rank] > bar) for rank, (_, change) in enumerate(speeds))
         deviations = [abs(m - p) / p for p, m in zip(previous_speeds, measured_speeds, strict=True) if p]
@@ -300,7 +301,7 @@ class ThroughputBalancer:
             self._step_noise_before = self.step_noise
             if step_change is not None:  # the standard deviation of one window, from a difference of two
                 self.step_noise = smoothed(self.step_noise, step_change / math.sqrt(2), self.smoothing)
-        self.speeds, self.fixed_seconds = [v for v, _ in speeds], fixed_seconds
+        self.speeds, self.fixed_seconds = new_speeds, fixed_seconds
         proposed = plan_batch_sizes(
             sum(old), self.speeds, self.min_share, old, self.tolerance, fixed_seconds=self.fixed_seconds
         )
